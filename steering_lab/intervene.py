@@ -1,0 +1,333 @@
+"""The one place where hooks are attached to a model.
+
+``steer(lm, Steer(...), ...)`` is a context manager: for the duration of the block, each listed
+decoder block's output ``h`` is transformed by the interventions that target it, and on every exit
+path (normal, exception, generator closed mid-stream) every hook is removed.
+
+Operators on a direction ``v`` (``u = v / |v|``) with per-row strength ``s``:
+
+* ``add``    ``h + s * v``                                   (s = 0 is the identity)
+* ``ablate`` ``h - s * (h.u) u``                             (s = 1 removes the projection; 0 = identity)
+* ``clamp``  ``h + (s - h.u) u``                             (sets the projection to the value s)
+* ``rotate`` turn ``h`` by ``s`` degrees toward ``u`` in the plane of ``h`` and ``u``, norm kept
+                                                             (s = 0 is the identity)
+
+``s`` is a scalar or one value per batch row, held in a tensor buffer on the block's device that
+``SteeringHandle.set_strength`` updates in place: a captured CUDA graph keeps working when a
+slider moves. ``scope`` picks positions: ``all``, ``prompt`` (positions < prompt length) or
+``generated`` (positions >= prompt length). The prompt length is the length of the first forward
+pass of the block (the prefill) unless given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError, check
+from .vector import SteeringVector, as_directions
+
+OPERATORS = ("add", "ablate", "clamp", "rotate")
+SCOPES = ("all", "prompt", "generated")
+
+
+@dataclass
+class Steer:
+    """One intervention: a vector, how strongly, where, and how."""
+
+    vector: SteeringVector | Mapping[int, torch.Tensor] | torch.Tensor
+    strength: float | Sequence[float] | torch.Tensor = 1.0
+    layers: Sequence[int] | int | None = None
+    operator: str = "add"
+    scope: str = "all"
+
+    def __post_init__(self) -> None:
+        check(self.operator in OPERATORS, f"unknown operator {self.operator!r} (choose {', '.join(OPERATORS)})")
+        check(self.scope in SCOPES, f"unknown scope {self.scope!r} (choose {', '.join(SCOPES)})")
+
+
+def strength_tensor(strength: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """A 1-D float32 CPU tensor of strengths (one per row, or one for all rows)."""
+    t = torch.as_tensor(strength, dtype=torch.float32).detach().cpu().reshape(-1).clone()
+    check(t.numel() > 0, "strength list is empty")
+    check(bool(torch.isfinite(t).all()), f"strength must be finite, got {t.tolist()}")
+    return t
+
+
+class _PositionState:
+    """Where in the sequence the current forward pass starts (for prompt/generated scopes)."""
+
+    def __init__(self, prompt_len: int | torch.Tensor | None) -> None:
+        self.fixed = prompt_len is not None
+        self.prompt_len = prompt_len
+        self.offset = 0
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        offset = 0
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            offset = int(cache.get_seq_length())
+        self.offset = offset
+        if not self.fixed and offset == 0 and ids is not None:
+            self.prompt_len = ids.shape[1]
+
+    def mask(self, h: torch.Tensor, scope: str) -> torch.Tensor:
+        """Bool mask ``[B or 1, T, 1]`` of positions the scope covers."""
+        check(self.prompt_len is not None, "scope needs a prompt length; none was seen")
+        pos = torch.arange(self.offset, self.offset + h.shape[1], device=h.device)
+        plen = torch.as_tensor(self.prompt_len, device=h.device).reshape(-1, 1)
+        inside = pos[None, :] < plen
+        if scope == "generated":
+            inside = ~inside
+        return inside[..., None]
+
+
+class _Op:
+    """One intervention at one layer, with its buffers on the block's device."""
+
+    def __init__(self, direction: torch.Tensor, strength: torch.Tensor, operator: str, scope: str,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.operator = operator
+        self.scope = scope
+        d32 = direction.detach().to(device=device, dtype=torch.float32)
+        norm = d32.norm()
+        if operator != "add":
+            check(float(norm) > 0, f"cannot {operator} along a zero direction")
+        self.unit = d32 / norm if float(norm) > 0 else d32
+        self.vec = direction.detach().to(device=device, dtype=dtype)  # add uses the raw vector
+        self.strength = strength.to(device)
+
+    def coef(self, batch: int) -> torch.Tensor:
+        s = self.strength
+        if s.numel() != 1 and s.numel() != batch:
+            raise UserError(f"{s.numel()} per-row strengths for a batch of {batch} rows")
+        return s.view(-1, 1, 1)
+
+    def apply(self, h: torch.Tensor, positions: _PositionState | None) -> torch.Tensor:
+        c = self.coef(h.shape[0])
+        if self.operator == "add":
+            new = h + c.to(h.dtype) * self.vec.to(h.dtype)
+        else:
+            h32 = h.float()
+            proj = h32 @ self.unit  # [B, T]
+            proj = proj[..., None]
+            if self.operator == "ablate":
+                new32 = h32 - c * proj * self.unit
+            elif self.operator == "clamp":
+                new32 = h32 + (c - proj) * self.unit
+            else:
+                new32 = _rotate(h32, proj, self.unit, c)
+            new = new32.to(h.dtype)
+            if self.operator in ("ablate", "rotate"):
+                new = torch.where(c == 0, h, new)  # exact identity at strength 0
+        if self.scope != "all":
+            new = torch.where(positions.mask(h, self.scope), new, h)
+        return new
+
+
+def _rotate(h: torch.Tensor, proj: torch.Tensor, unit: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Norm-preserving rotation of ``h`` toward ``unit`` by ``degrees`` in span(h, unit)."""
+    ortho = h - proj * unit
+    rho = ortho.norm(dim=-1, keepdim=True)
+    norm = h.norm(dim=-1, keepdim=True)
+    phi = torch.atan2(rho, proj)  # angle between h and unit, in [0, pi]
+    new_phi = phi - degrees * (math.pi / 180.0)
+    e2 = ortho / rho.clamp_min(1e-12)
+    out = norm * (torch.cos(new_phi) * unit + torch.sin(new_phi) * e2)
+    return torch.where(rho > 1e-12 * norm.clamp_min(1e-30), out, h)  # parallel to u: plane undefined
+
+
+class _LayerHook:
+    def __init__(self, ops: list[_Op], positions: _PositionState | None) -> None:
+        self.ops = ops
+        self.positions = positions
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        h = output[0] if isinstance(output, tuple) else output
+        for op in self.ops:
+            h = op.apply(h, self.positions)
+        if isinstance(output, tuple):
+            return (h, *output[1:])
+        return h
+
+
+@dataclass
+class SteeringHandle:
+    """What ``steer`` yields: live access to strengths, and removal of the hooks."""
+
+    model: nn.Module
+    handles: list = field(default_factory=list)
+    strengths: list[torch.Tensor] = field(default_factory=list)  # one per Steer, CPU master copies
+    ops: list[list[_Op]] = field(default_factory=list)  # per Steer, its per-layer ops
+    positions: _PositionState | None = None
+
+    def set_strength(self, index: int, strength: float | Sequence[float] | torch.Tensor) -> None:
+        """Change the strength of intervention ``index`` in place (same number of rows)."""
+        new = strength_tensor(strength)
+        check(new.numel() == self.strengths[index].numel(),
+              f"intervention {index} has {self.strengths[index].numel()} strength(s), got {new.numel()}")
+        self.strengths[index].copy_(new)
+        for op in self.ops[index]:
+            op.strength.copy_(new.to(op.strength.device))
+
+    def remove(self) -> None:
+        """Remove every hook; safe to call more than once."""
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def _resolve_model(target: Any) -> tuple[nn.Module, nn.ModuleList]:
+    from .model import LoadedModel, find_layers
+
+    if isinstance(target, LoadedModel):
+        return target.model, target.layers
+    if isinstance(target, nn.Module):
+        return target, find_layers(target)[1]
+    raise UserError(f"cannot steer a {type(target).__name__}; pass a LoadedModel or a torch model")
+
+
+def _block_dtype(block: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    for p in block.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return fallback
+
+
+@contextmanager
+def steer(target: Any, interventions: Steer | Sequence[Steer], *,
+          prompt_len: int | Sequence[int] | torch.Tensor | None = None) -> Iterator[SteeringHandle]:
+    """Steer ``target`` (a LoadedModel or HF model) for the duration of the ``with`` block.
+
+    Several interventions may target the same or different layers; at one layer they apply in
+    the order given. Hooks are removed on every exit path.
+    """
+    model, layers = _resolve_model(target)
+    items = [interventions] if isinstance(interventions, Steer) else list(interventions)
+    for item in items:
+        check(isinstance(item, Steer), f"expected Steer(...), got {type(item).__name__}")
+    n_layers = len(layers)
+    handle = SteeringHandle(model=model)
+    needs_positions = any(item.scope != "all" for item in items)
+    if needs_positions:
+        plen = prompt_len
+        if plen is not None and not isinstance(plen, int):
+            plen = torch.as_tensor(plen, dtype=torch.long).reshape(-1)
+        handle.positions = _PositionState(plen)
+    per_layer: dict[int, list[_Op]] = {}
+    for item in items:
+        directions = as_directions(item.vector, item.layers)
+        strength = strength_tensor(item.strength)
+        handle.strengths.append(strength)
+        ops = []
+        for k, direction in directions.items():
+            check(0 <= k < n_layers, f"layer {k} is out of range: the model has {n_layers} blocks "
+                                     f"(layers 0-{n_layers - 1})")
+            width = _width(model)
+            check(direction.shape[0] == width,
+                  f"direction for layer {k} has width {direction.shape[0]} but the model's is {width}")
+            block = layers[k]
+            device = next((p.device for p in block.parameters()), strength.device)
+            op = _Op(direction, strength.clone(), item.operator, item.scope, device,
+                     _block_dtype(block, direction.dtype))
+            ops.append(op)
+            per_layer.setdefault(k, []).append(op)
+        handle.ops.append(ops)
+    try:
+        if handle.positions is not None:
+            handle.handles.append(model.register_forward_pre_hook(handle.positions.pre_forward, with_kwargs=True))
+        for k, ops in sorted(per_layer.items()):
+            handle.handles.append(layers[k].register_forward_hook(_LayerHook(ops, handle.positions)))
+        yield handle
+    finally:
+        handle.remove()
+
+
+def _width(model: nn.Module) -> int:
+    from .model import hidden_size
+
+    return hidden_size(model.config)
+
+
+# ---- reading activations ---------------------------------------------------------------------
+
+class _StopForward(Exception):
+    """Raised by a capture hook after the last wanted block, to skip the rest of the forward."""
+
+
+@dataclass
+class Capture:
+    """Block outputs recorded during forward passes: ``outputs[k]`` is a list, one per pass."""
+
+    model: nn.Module
+    layers: list[int]
+    stop_early: bool
+    outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def forward(self, **inputs: Any) -> Any:
+        """Run ``model(**inputs)``; with ``stop_early`` the pass ends after the last wanted block."""
+        try:
+            return self.model(**inputs)
+        except _StopForward:
+            return None
+
+    def last(self, k: int) -> torch.Tensor:
+        return self.outputs[k][-1]
+
+    def clear(self) -> None:
+        for v in self.outputs.values():
+            v.clear()
+
+
+@contextmanager
+def capture(target: Any, layers: Sequence[int] | None = None, *, stop_early: bool = False,
+            to_cpu: bool = False, fn: Any = None) -> Iterator[Capture]:
+    """Record the outputs of decoder blocks ``layers`` (default all) while the block runs.
+
+    ``fn(k, h)`` may map each output before it is stored (e.g. pooling, to save memory). With
+    ``to_cpu`` stored tensors are moved to the CPU (gathering from a model split across devices).
+    """
+    model, blocks = _resolve_model(target)
+    wanted = list(range(len(blocks))) if layers is None else sorted({int(k) for k in layers})
+    for k in wanted:
+        check(0 <= k < len(blocks), f"layer {k} is out of range: the model has {len(blocks)} blocks")
+    cap = Capture(model=model, layers=wanted, stop_early=stop_early, outputs={k: [] for k in wanted})
+    last = wanted[-1] if wanted else None
+    handles = []
+
+    def make_hook(k: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            h = output[0] if isinstance(output, tuple) else output
+            h = h.detach()
+            if fn is not None:
+                h = fn(k, h)
+            if to_cpu:
+                h = h.to("cpu")
+            cap.outputs[k].append(h)
+            if stop_early and k == last:
+                raise _StopForward
+        return hook
+
+    try:
+        for k in wanted:
+            handles.append(blocks[k].register_forward_hook(make_hook(k)))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_count(model: nn.Module) -> int:
+    """Number of forward hooks and pre-hooks attached anywhere in ``model`` (for tests)."""
+    total = 0
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_pre_hooks)
+    return total

@@ -1,0 +1,288 @@
+"""SteeringVector: one direction per decoder block, plus the metadata that travels with it.
+
+File format (DESIGN.md; llama.cpp and repeng depend on it):
+``NAME.safetensors`` holds ``direction.{k}`` float32 tensors of shape ``[d_model]``, where ``k`` is
+the 0-based index of the decoder block whose *output* the direction is added to; ``NAME.json``
+holds the metadata. Both are written atomically. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError, check
+
+_KEY = re.compile(r"^direction\.(\d+)$")
+_META_FIELDS = ("model", "d_model", "n_layers", "layers", "method", "dataset", "recommended_layer",
+                "recommended_strength", "normalized", "created", "description")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def base_path(path: str | os.PathLike) -> Path:
+    """``PATH``, ``PATH.safetensors`` or ``PATH.json`` -> ``PATH`` (no extension)."""
+    p = Path(path).expanduser()
+    if p.suffix in (".safetensors", ".json", ".gguf"):
+        p = p.with_suffix("")
+    return p
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    check(bool(torch.isfinite(t).all()), f"{what} contains NaN or inf values")
+
+
+@dataclass
+class SteeringVector:
+    """Directions keyed by 0-based decoder-block index, with metadata.
+
+    Arithmetic: ``a + b`` and ``a - b`` combine layer-wise (union of layers), ``k * a`` scales,
+    ``-a`` negates. Metadata of the left operand is kept.
+    """
+
+    directions: dict[int, torch.Tensor]
+    model: str = ""
+    d_model: int | None = None
+    n_layers: int | None = None
+    method: str = ""
+    dataset: str = ""
+    recommended_layer: int | None = None
+    recommended_strength: float | None = None
+    normalized: bool = False
+    created: str = field(default_factory=_now)
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(len(self.directions) > 0, "a steering vector needs at least one layer")
+        clean: dict[int, torch.Tensor] = {}
+        dims = set()
+        for k, v in self.directions.items():
+            check(isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+                  f"layer keys must be non-negative ints, got {k!r}")
+            check(isinstance(v, torch.Tensor), f"direction for layer {k} is not a tensor")
+            check(v.dim() == 1, f"direction for layer {k} has shape {tuple(v.shape)}, expected [d_model]")
+            check(v.is_floating_point(), f"direction for layer {k} has dtype {v.dtype}, expected a float")
+            check_finite(v, f"direction for layer {k}")
+            dims.add(v.shape[0])
+            clean[k] = v
+        check(len(dims) == 1, f"directions have different widths: {sorted(dims)}")
+        width = dims.pop()
+        if self.d_model is None:
+            self.d_model = width
+        check(self.d_model == width, f"metadata says d_model {self.d_model} but directions have {width}")
+        self.directions = dict(sorted(clean.items()))
+
+    # ---- views -----------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        try:
+            return self.directions[layer]
+        except KeyError:
+            raise UserError(f"vector has no direction for layer {layer} (it has layers "
+                            f"{_ranges(self.layers)})") from None
+
+    def default_layers(self) -> list[int]:
+        """Where to steer when the user names no layer: the recommended layer, else all."""
+        if self.recommended_layer is not None and self.recommended_layer in self.directions:
+            return [self.recommended_layer]
+        return self.layers
+
+    def at(self, layers: int | Iterable[int]) -> SteeringVector:
+        """The same vector restricted to ``layers``."""
+        keep = [layers] if isinstance(layers, int) else list(layers)
+        return replace(self, directions={k: self[k] for k in keep}, extra=dict(self.extra))
+
+    def norms(self) -> dict[int, float]:
+        return {k: float(v.float().norm()) for k, v in self.directions.items()}
+
+    def normalize(self) -> SteeringVector:
+        """Unit-norm copy (strengths then mean L2 units in the residual stream)."""
+        dirs = {}
+        for k, v in self.directions.items():
+            n = v.float().norm()
+            check(float(n) > 0, f"direction for layer {k} is zero and cannot be normalized")
+            dirs[k] = v / n
+        return replace(self, directions=dirs, normalized=True, extra=dict(self.extra))
+
+    def to(self, *args: Any, **kwargs: Any) -> SteeringVector:
+        return replace(self, directions={k: v.to(*args, **kwargs) for k, v in self.directions.items()},
+                       extra=dict(self.extra))
+
+    # ---- arithmetic ------------------------------------------------------------------
+    def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
+        check(isinstance(other, SteeringVector), "can only add or subtract another SteeringVector")
+        check(self.d_model == other.d_model,
+              f"cannot combine vectors of width {self.d_model} and {other.d_model}")
+        dirs = {k: v.clone() for k, v in self.directions.items()}
+        for k, v in other.directions.items():
+            dirs[k] = dirs[k] + sign * v if k in dirs else sign * v
+        return replace(self, directions=dirs, normalized=False, created=_now(),
+                       method=f"{self.method}{'+' if sign > 0 else '-'}{other.method}",
+                       extra=dict(self.extra))
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, -1.0)
+
+    def __mul__(self, scalar: float) -> SteeringVector:
+        check(isinstance(scalar, (int, float)) and math.isfinite(scalar),
+              f"can only scale a vector by a finite number, not {scalar!r}")
+        return replace(self, directions={k: v * scalar for k, v in self.directions.items()},
+                       normalized=self.normalized and abs(scalar) == 1, extra=dict(self.extra))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def __truediv__(self, scalar: float) -> SteeringVector:
+        check(scalar != 0, "cannot divide a vector by zero")
+        return self * (1.0 / scalar)
+
+    # ---- validation ------------------------------------------------------------------
+    def check_model(self, lm: Any, layers: Iterable[int] | None = None) -> None:
+        """Raise :class:`UserError` saying exactly what does not match ``lm`` (a LoadedModel)."""
+        check(self.d_model == lm.d_model,
+              f"vector was made for d_model {self.d_model} ({self.model or 'unknown model'}) but "
+              f"{lm.name} has d_model {lm.d_model}")
+        wanted = self.layers if layers is None else list(layers)
+        bad = [k for k in wanted if not 0 <= k < lm.n_layers]
+        check(not bad, f"vector uses layer(s) {bad} but {lm.name} has {lm.n_layers} blocks "
+                       f"(layers 0-{lm.n_layers - 1})")
+
+    # ---- files -----------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        meta = {
+            "model": self.model,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "layers": self.layers,
+            "method": self.method,
+            "dataset": self.dataset,
+            "recommended_layer": self.recommended_layer,
+            "recommended_strength": self.recommended_strength,
+            "normalized": self.normalized,
+            "created": self.created,
+            "description": self.description,
+        }
+        meta.update(self.extra)
+        return meta
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``PATH.safetensors`` + ``PATH.json`` atomically; returns ``PATH`` (no extension)."""
+        from safetensors.torch import save
+
+        base = base_path(path)
+        check(base.name not in ("", ".", ".."), f"invalid vector path {str(path)!r}")
+        tensors = {f"direction.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in self.directions.items()}
+        header = {"format": "steering_lab", "model": str(self.model), "d_model": str(self.d_model)}
+        atomic_write_bytes(base.with_suffix(".safetensors"), save(tensors, metadata=header))
+        atomic_write_json(base.with_suffix(".json"), self.metadata())
+        return base
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, lm: Any = None) -> SteeringVector:
+        """Load ``PATH(.safetensors)`` (+ ``PATH.json`` if present); check against ``lm`` if given."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        base = base_path(path)
+        st = base.with_suffix(".safetensors")
+        check(st.is_file(), f"vector file not found: {st}")
+        try:
+            raw = load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{st} is not a valid safetensors file: {exc}") from None
+        dirs: dict[int, torch.Tensor] = {}
+        for key, t in raw.items():
+            m = _KEY.match(key)
+            check(m is not None, f"{st}: unexpected tensor {key!r} (expected direction.<layer>)")
+            dirs[int(m.group(1))] = t.float()
+        check(bool(dirs), f"{st} holds no direction.<layer> tensors")
+        meta: dict[str, Any] = {}
+        js = base.with_suffix(".json")
+        if js.is_file():
+            try:
+                meta = json.loads(js.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UserError(f"{js} is not valid JSON: {exc}") from None
+            check(isinstance(meta, dict), f"{js} must hold a JSON object")
+        known = {k: meta[k] for k in _META_FIELDS if k in meta and k != "layers"}
+        extra = {k: v for k, v in meta.items() if k not in _META_FIELDS}
+        known.setdefault("description", "")
+        vec = cls(directions=dirs, extra=extra, **known)
+        if lm is not None:
+            vec.check_model(lm)
+        return vec
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    out, start, prev = [], layers[0], layers[0]
+    for k in layers[1:] + [None]:
+        if k is not None and k == prev + 1:
+            prev = k
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if k is not None:
+            start = prev = k
+    return ",".join(out)
+
+
+def as_directions(vector: SteeringVector | Mapping[int, torch.Tensor] | torch.Tensor,
+                  layers: Iterable[int] | int | None) -> dict[int, torch.Tensor]:
+    """Resolve (vector, layers) to ``{layer: direction}``.
+
+    A bare tensor needs ``layers``; a SteeringVector without ``layers`` uses its default layers
+    (the recommended one when set).
+    """
+    if isinstance(layers, int):
+        layers = [layers]
+    if isinstance(vector, torch.Tensor):
+        check(vector.dim() == 1, f"a bare direction must have shape [d_model], got {tuple(vector.shape)}")
+        check(layers is not None, "a bare tensor direction needs layers=")
+        check_finite(vector, "direction")
+        return {int(k): vector for k in layers}
+    if not isinstance(vector, SteeringVector):
+        vector = SteeringVector(directions=dict(vector))
+    keep = vector.default_layers() if layers is None else [int(k) for k in layers]
+    return {k: vector[k] for k in keep}
