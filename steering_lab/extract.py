@@ -181,7 +181,7 @@ def scan(pos: Activations, neg: Activations, method: str, contrast: ContrastSet,
     layer = recommend_layer(rows, n_layers)
     strength = STRENGTH_FRACTION * next(r.token_norm for r in rows if r.layer == layer)
     return LayerScan(method=method, rows=rows, recommended_layer=layer,
-                     recommended_strength=round(strength, 2), n_train=len(pt) + len(nt),
+                     recommended_strength=float(f"{strength:.4g}"), n_train=len(pt) + len(nt),
                      n_test=len(ph) + len(nh), in_sample=in_sample)
 
 

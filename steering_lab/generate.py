@@ -53,7 +53,8 @@ def _forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.
     if _forward_accepts(type(lm.model), "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
-    return out.logits[:, -1].float()
+    # a model split across devices returns logits on its last device
+    return out.logits[:, -1].float().to(lm.device)
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:

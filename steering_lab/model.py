@@ -258,6 +258,8 @@ def _from_pretrained(name_or_path: str, gguf_file: str | None, device: torch.dev
         options["device_map"] = device_map
         if max_memory is not None:
             options["max_memory"] = max_memory
+    elif device.type == "cuda" and gguf_file is None:
+        options["device_map"] = {"": str(device)}  # load straight onto the GPU, no CPU copy
     options["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **options)
     if device_map is None:
@@ -351,6 +353,8 @@ def load_model(
     """
     from transformers import AutoTokenizer
 
+    if max_memory is not None and device_map is None:
+        device_map = "auto"  # a memory cap only means something to accelerate's placement
     target = pick_device(device)
     torch_dtype = pick_dtype(target if device_map is None else pick_device(None), dtype)
     spec = None if name_or_path is None else str(name_or_path)
