@@ -62,11 +62,7 @@ def main() -> None:
         f"Scan recommends layer {vec.recommended_layer} and strength {vec.recommended_strength} "
         f"(fraction 0.15). Total time {time.time() - t0:.0f} s.",
         "",
-        "Reading: the unsteered answers score about +0.6. From layer 6 to 11 a fraction of 0.15 already",
-        "turns them negative while distinct-2 stays near the unsteered 0.95; at 0.25 and above runaway",
-        "repetition appears (min d2 falls under 0.4). Deeper layers (12+) need larger pushes for the same",
-        "effect and lose fluency first. Hence the recommended layer is taken from 20-40% of depth and the",
-        "recommended strength is 0.15 x |h| there.",
+        "The reading of this table is in bench/RESULTS.md (strength calibration).",
     ]
     out = Path(__file__).with_name("calibration.md")
     out.write_text("\n".join(lines) + "\n")
