@@ -121,17 +121,27 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_steer_args(args: argparse.Namespace) -> list:
+    """Validate repeated --vector/--strength/--layer before any model is loaded; returns the paths."""
+    from .vector import SteeringVector
+
+    vectors = args.vector
+    check(not (args.strength or args.layer) or vectors, "--strength and --layer need a --vector")
+    check(len(args.strength) <= len(vectors) or not vectors, "more --strength values than --vector paths")
+    check(len(args.layer) <= len(vectors) or not vectors, "more --layer values than --vector paths")
+    for path in vectors:  # fail on a bad file before spending seconds on the model
+        SteeringVector.load(path)
+    return vectors
+
+
 def steers_from_args(args: argparse.Namespace, lm) -> list:
     """Turn repeated --vector/--strength/--layer into Steer objects (for generate and friends)."""
     from .extract import parse_layers
     from .intervene import Steer
     from .vector import SteeringVector
 
-    vectors = args.vector
-    check(len(args.strength) <= max(len(vectors), 1), "more --strength values than --vector paths")
-    check(len(args.layer) <= max(len(vectors), 1), "more --layer values than --vector paths")
+    vectors = check_steer_args(args)
     if not vectors:
-        check(not args.strength and not args.layer, "--strength and --layer need a --vector")
         return []
     steers = []
     for i, path in enumerate(vectors):
@@ -152,13 +162,11 @@ def steers_from_args(args: argparse.Namespace, lm) -> list:
 def _generate(args: argparse.Namespace) -> int:
     from .generate import generate
     from .intervene import OPERATORS, Steer
-    from .vector import SteeringVector
 
     check(args.operator in OPERATORS, f"unknown operator {args.operator!r} (choose {', '.join(OPERATORS)})")
     check(args.prompt.strip() != "", "--prompt is empty")
     check(args.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
-    for path in args.vector:  # fail on a bad file before spending seconds on the model
-        SteeringVector.load(path)
+    check_steer_args(args)
     lm = _load(args)
     steers = steers_from_args(args, lm)
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,

@@ -54,7 +54,11 @@ def test_extract_then_generate(tiny_dir, texts, tmp_path, capsys):
     (["generate", "--prompt", "hi", "--model", "./no/such/model"], "model path not found"),
     (["generate", "--prompt", " "], "--prompt is empty"),
 ])
-def test_bad_input_exits_2_with_one_line(capsys, argv, message):
+def test_bad_input_exits_2_with_one_line(capsys, monkeypatch, argv, message):
+    import steering_lab.cli as cli
+
+    if "--model" not in argv:  # input errors must be caught before seconds are spent loading a model
+        monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("model loaded before input was checked"))
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
