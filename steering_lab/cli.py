@@ -86,13 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--json", action="store_true", help='print {"baseline": ..., "steered": ...}')
 
-    for extra in _EXTRA_PARSERS:
-        extra(sub)
+    from . import cli_refusal
+
+    for module in (cli_refusal,):  # feature modules add their own sub-commands
+        module.add_parsers(sub, _model_arg)
     return parser
-
-
-# Later modules add sub-commands here (refusal, sweep, probe, ...) without touching the core.
-_EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 @command("extract")

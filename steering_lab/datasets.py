@@ -178,6 +178,51 @@ def neutral_prompts() -> list[str]:
     return _lines(_data_text("neutral.txt"))
 
 
+def refusal_responses() -> list[str]:
+    """Refusal answers written for this project (the embedded model rarely refuses by itself)."""
+    return _lines(_data_text("refusals.txt"))
+
+
+# One split of the instruction sets for everything that trains or selects on them (refusal
+# direction, refusal-style strength, probes, CAST, controller): train / val (selection,
+# calibration) / test (held out, reported). Line i of harmful.txt and harmless.txt share a topic.
+SPLITS = {"train": (0, 60), "val": (60, 80), "test": (80, None)}
+
+
+def instruction_split(split: str) -> tuple[list[str], list[str]]:
+    """``(harmful, harmless)`` instructions of ``split`` (train, val or test)."""
+    check(split in SPLITS, f"unknown split {split!r} (choose {', '.join(SPLITS)})")
+    lo, hi = SPLITS[split]
+    return harmful_instructions()[lo:hi], harmless_instructions()[lo:hi]
+
+
+PROMPT_SETS = {
+    "harmful": harmful_instructions,
+    "harmless": harmless_instructions,
+    "neutral": neutral_prompts,
+    "harmful-test": lambda: instruction_split("test")[0],
+    "harmless-test": lambda: instruction_split("test")[1],
+}
+
+
+def load_prompts(name: str | None = None, path: str | os.PathLike | None = None) -> list[str]:
+    """A bundled prompt set by name, or a user file (one prompt per line, or jsonl with 'prompt')."""
+    check((name is None) != (path is None), "give either a prompt set name or a prompts file")
+    if name is not None:
+        check(name in PROMPT_SETS, f"unknown prompt set {name!r} (choose {', '.join(PROMPT_SETS)})")
+        return PROMPT_SETS[name]()
+    text = _read_user_file(path)
+    if str(path).lower().endswith((".jsonl", ".json")):
+        rows = _jsonl_rows(text, str(path))
+        for n, r in enumerate(rows, 1):
+            check(isinstance(r.get("prompt"), str) and r["prompt"].strip() != "",
+                  f"{path} row {n}: missing or empty 'prompt'")
+        return [r["prompt"].strip() for r in rows]
+    prompts = _lines(text)
+    check(bool(prompts), f"{path} holds no prompts")
+    return prompts
+
+
 def _preset_sentiment() -> ContrastSet:
     cs = _from_rows(_jsonl_rows(_data_text("sentiment.jsonl"), "sentiment"), "sentiment", "sentiment")
     cs.description = "cheerful vs gloomy answers to everyday questions (+ = positive sentiment)"

@@ -10,26 +10,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
 from .activations import pad_left
 from .errors import check
-from .intervene import Steer, steer
+from .intervene import Steer, capture, steer
 from .model import LoadedModel
 
 
 @dataclass
 class Step:
-    """One decode step: the new token of each row, and each row's text so far."""
+    """One decode step: the new token of each row, and each row's text so far.
+
+    ``monitor[name][row]`` is the value of each monitor on the residual stream at the position
+    that chose this step's token (the last prompt token for step 0).
+    """
 
     index: int
     tokens: list[int]
     texts: list[str]
     done: list[bool]
     token_ids: list[list[int]]
+    monitor: dict[str, list[float]] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=32)
@@ -80,12 +85,13 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], *, chat: bool = True
 
 def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequence[Steer] = (), *,
            max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
-           chat: bool = True, system: str | None = None,
-           prompt_ids: Sequence[Sequence[int]] | None = None) -> Iterator[Step]:
+           chat: bool = True, system: str | None = None, prompt_ids: Sequence[Sequence[int]] | None = None,
+           monitors: Sequence = ()) -> Iterator[Step]:
     """Yield one :class:`Step` per generated token for a batch of prompts.
 
-    ``steering`` strengths may be per row (one per prompt). Closing the generator early removes
-    every hook (it runs inside ``steer``).
+    ``steering`` strengths may be per row (one per prompt). ``monitors`` (see ``monitor.py``) are
+    read on the steered residual stream at every step. Closing the generator early removes every
+    hook (it runs inside ``steer`` and ``capture``).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -102,7 +108,10 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
     done = torch.zeros(n, dtype=torch.bool, device=lm.device)
     cache = _new_cache(lm)
     context = steer(lm, items) if items else nullcontext()
-    with torch.inference_mode(), context:
+    watch = sorted({m.layer for m in monitors})
+    # registered after the steering hooks, so monitors read the steered stream
+    reading = capture(lm, watch, fn=lambda k, h: h[:, -1].float()) if watch else nullcontext()
+    with torch.inference_mode(), context, reading as cap:
         logits = _forward(lm, ids, mask, pos, cache)
         for step in range(max_new_tokens):
             nxt = _choose(logits, temperature, top_p, gen)
@@ -112,8 +121,12 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
                     out_ids[i].append(int(nxt[i]))
             done = done | torch.isin(nxt, eos)
             texts = [lm.decode([t for t in row if t not in lm.eos_ids]) for row in out_ids]
+            values = {}
+            if watch:
+                values = {m.name: m.read(cap.outputs[m.layer][-1]).cpu().tolist() for m in monitors}
+                cap.clear()
             yield Step(index=step, tokens=nxt.tolist(), texts=texts, done=done.tolist(),
-                       token_ids=[list(r) for r in out_ids])
+                       token_ids=[list(r) for r in out_ids], monitor=values)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)

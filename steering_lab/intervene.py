@@ -204,11 +204,13 @@ def _block_dtype(block: nn.Module, fallback: torch.dtype) -> torch.dtype:
 
 @contextmanager
 def steer(target: Any, interventions: Steer | Sequence[Steer], *,
-          prompt_len: int | Sequence[int] | torch.Tensor | None = None) -> Iterator[SteeringHandle]:
+          prompt_len: int | Sequence[int] | torch.Tensor | None = None,
+          differentiable: bool = False) -> Iterator[SteeringHandle]:
     """Steer ``target`` (a LoadedModel or HF model) for the duration of the ``with`` block.
 
     Several interventions may target the same or different layers; at one layer they apply in
-    the order given. Hooks are removed on every exit path.
+    the order given. Hooks are removed on every exit path. With ``differentiable`` the strength
+    tensors are used as given (not copied), so gradients flow back to whatever produced them.
     """
     model, layers = _resolve_model(target)
     items = [interventions] if isinstance(interventions, Steer) else list(interventions)
@@ -225,7 +227,10 @@ def steer(target: Any, interventions: Steer | Sequence[Steer], *,
     per_layer: dict[int, list[_Op]] = {}
     for item in items:
         directions = as_directions(item.vector, item.layers)
-        strength = strength_tensor(item.strength)
+        if differentiable:
+            strength = torch.as_tensor(item.strength, dtype=torch.float32).reshape(-1)
+        else:
+            strength = strength_tensor(item.strength)
         handle.strengths.append(strength)
         ops = []
         for k, direction in directions.items():
@@ -236,7 +241,7 @@ def steer(target: Any, interventions: Steer | Sequence[Steer], *,
                   f"direction for layer {k} has width {direction.shape[0]} but the model's is {width}")
             block = layers[k]
             device = next((p.device for p in block.parameters()), strength.device)
-            op = _Op(direction, strength.clone(), item.operator, item.scope, device,
+            op = _Op(direction, strength if differentiable else strength.clone(), item.operator, item.scope, device,
                      _block_dtype(block, direction.dtype))
             ops.append(op)
             per_layer.setdefault(k, []).append(op)
@@ -255,6 +260,35 @@ def _width(model: nn.Module) -> int:
     from .model import hidden_size
 
     return hidden_size(model.config)
+
+
+@contextmanager
+def project_out(modules: Sequence[nn.Module], direction: torch.Tensor, strength: float = 1.0) -> Iterator[None]:
+    """Remove ``strength`` x the component along ``direction`` from the outputs of ``modules``
+    (e.g. every module that writes to the residual stream: directional ablation, Arditi et al.)."""
+    d32 = direction.detach().float()
+    check(d32.dim() == 1 and float(d32.norm()) > 0, "ablation needs a non-zero 1-D direction")
+    unit = d32 / d32.norm()
+    cache: dict[torch.device, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        h = output[0] if isinstance(output, tuple) else output
+        u = cache.get(h.device)
+        if u is None:
+            u = cache[h.device] = unit.to(h.device)
+        check(h.shape[-1] == u.shape[0], f"ablation direction has width {u.shape[0]}, output has {h.shape[-1]}")
+        h32 = h.float()
+        new = (h32 - strength * (h32 @ u)[..., None] * u).to(h.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---- reading activations ---------------------------------------------------------------------

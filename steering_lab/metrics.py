@@ -111,11 +111,16 @@ class TextScores:
     n_tokens: list[int]
 
 
-def _teacher_forced(lm: LoadedModel, seqs: list[list[int]], steering: Sequence[Steer]) -> torch.Tensor:
+def _teacher_forced(lm: LoadedModel, seqs: list[list[int]], steering: Sequence[Steer], keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (left-padded batch), float32 on the CPU."""
+    from .generate import _forward_accepts
+
     ids, mask, pos = pad_left(seqs, lm.pad_id, lm.device)
+    kwargs = {"logits_to_keep": keep} if _forward_accepts(type(lm.model), "logits_to_keep") else {}
     ctx = steer(lm, list(steering)) if steering else nullcontext()
     with torch.inference_mode(), ctx:
-        return lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs).logits
+    return logits[:, -keep:].float().cpu()
 
 
 def score_texts(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str],
@@ -137,21 +142,22 @@ def score_texts(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str],
             t_ids = lm.encode(texts[i], special=False)
             seqs.append(p_ids + t_ids)
             spans.append(len(t_ids))
-        width = max(len(s) for s in seqs)
-        # position t predicts token t+1: text tokens are predicted from positions [-n-1, -1)
-        pred_mask = torch.zeros((len(seqs), width - 1))
-        targets = torch.zeros((len(seqs), width - 1), dtype=torch.long)
+        # position t predicts token t+1: a text of n tokens is predicted by the n positions before
+        # its last token, all inside the last (n_max + 1) positions of the left-padded batch
+        keep = max(spans) + 1
+        pred_mask = torch.zeros((len(seqs), keep - 1))
+        targets = torch.zeros((len(seqs), keep - 1), dtype=torch.long)
         for r, (s, n) in enumerate(zip(seqs, spans)):
-            padded = [lm.pad_id] * (width - len(s)) + s
-            targets[r] = torch.as_tensor(padded[1:])
+            tail = ([lm.pad_id] * keep + s)[-keep:]
+            targets[r] = torch.as_tensor(tail[1:])
             if n:
-                pred_mask[r, width - 1 - n:] = 1
-        base = _teacher_forced(lm, seqs, ())[:, :-1].cpu()
+                pred_mask[r, keep - 1 - n:] = 1
+        base = _teacher_forced(lm, seqs, (), keep)[:, :-1]
         logp = torch.log_softmax(base, -1).gather(-1, targets[..., None])[..., 0]
         nll = -(logp * pred_mask).sum(-1) / pred_mask.sum(-1).clamp_min(1)
         if items:
             rows = [_slice_rows(item, start, stop) for item in items]
-            steered = _teacher_forced(lm, seqs, rows)[:, :-1].cpu()
+            steered = _teacher_forced(lm, seqs, rows, keep)[:, :-1]
             kl = kl_from_logits(steered, base, pred_mask)
         else:
             kl = torch.zeros(len(seqs))

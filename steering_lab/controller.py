@@ -1,0 +1,319 @@
+"""Steering that decides per prompt whether (and how hard) to steer.
+
+* **Lightweight controller** (after "Guiding Giants"): a small torch network reads pooled
+  activations of a few layers of the prompt and predicts a global scale in [0, 1] and per-layer
+  weights in [0, 1] for a steering vector applied across several layers during generation
+  (strength at layer l = scale x weight_l x base_strength). Trained on harmful vs harmless
+  prompts: on harmful ones the steered model should continue with a refusal (teacher-forced
+  cross-entropy through the frozen LM, so gradients shape the per-layer weights), on harmless
+  ones it should keep its own answer; the scale also gets a gating loss. Saved as safetensors + json.
+* **Conditional activation steering** (CAST): a condition direction and a threshold on the
+  cosine similarity of the prompt's mean activation at one layer decide whether the behaviour
+  vector is applied; layer and threshold come from a grid search by F1 on a labelled set.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .activations import collect, pad_left
+from .errors import UserError, check
+from .intervene import Steer, steer
+from .model import LoadedModel
+from .vector import SteeringVector, atomic_write_bytes, atomic_write_json, base_path
+
+# ---- the controller network ---------------------------------------------------------------------
+
+class ControllerNet(nn.Module):
+    """Standardise the pooled activations (statistics of the training prompts, saved with the
+    weights), one hidden layer, then a gate (global scale) and per-layer weights, all in [0, 1]."""
+
+    def __init__(self, n_inputs: int, d_model: int, n_steer: int, hidden: int = 64) -> None:
+        super().__init__()
+        width = n_inputs * d_model
+        self.register_buffer("in_mean", torch.zeros(width))
+        self.register_buffer("in_scale", torch.ones(width))
+        self.body = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 1 + n_steer))
+
+    def set_input_stats(self, pooled: torch.Tensor) -> None:
+        flat = pooled.flatten(1).float()
+        self.in_mean.copy_(flat.mean(0))
+        self.in_scale.copy_(flat.std(0).clamp_min(1e-4) if flat.shape[0] > 1 else torch.ones_like(self.in_scale))
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pooled [B, n_inputs, d]`` -> ``(scale [B], weights [B, n_steer])``, both in [0, 1]."""
+        x = (pooled.flatten(1).float() - self.in_mean) / self.in_scale
+        out = self.body(x)
+        return torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1:])
+
+
+@dataclass
+class Controller:
+    net: ControllerNet
+    input_layers: list[int]
+    steer_layers: list[int]
+    vector: SteeringVector
+    base_strength: float
+    pooling: str = "last"
+    threshold: float = 0.5  # "steering applied" when scale >= threshold
+    model: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
+
+    def check_model(self, lm: LoadedModel) -> None:
+        self.vector.check_model(lm, self.steer_layers)
+        bad = [k for k in self.input_layers if not 0 <= k < lm.n_layers]
+        check(not bad, f"controller reads layer(s) {bad} but {lm.name} has {lm.n_layers} blocks")
+
+    def pooled(self, lm: LoadedModel, prompts: Sequence[str], chat: bool = True) -> torch.Tensor:
+        return collect(lm, prompts, layers=self.input_layers, position=self.pooling, chat=chat).acts
+
+    def decide(self, lm: LoadedModel, prompts: Sequence[str], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per prompt: (scale [B], weights [B, n_steer]) from a short forward up to the last input layer."""
+        self.check_model(lm)
+        with torch.no_grad():
+            return self.net(self.pooled(lm, prompts, chat))
+
+    def steering(self, scale: torch.Tensor, weights: torch.Tensor) -> list[Steer]:
+        """One Steer per steered layer, with per-row strengths."""
+        strengths = scale[:, None] * weights * self.base_strength  # [B, n_steer]
+        return [Steer(self.vector, strengths[:, j], layers=[k]) for j, k in enumerate(self.steer_layers)]
+
+    def generate(self, lm: LoadedModel, prompts: Sequence[str], **kw) -> tuple[list[str], torch.Tensor]:
+        """Generate with the controller's steering; returns (texts, scales)."""
+        from .generate import generate
+
+        scale, weights = self.decide(lm, prompts)
+        return generate(lm, list(prompts), self.steering(scale, weights), **kw), scale
+
+    # ---- files -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {"kind": "steering_controller", "model": self.model, "d_model": self.vector.d_model,
+                "input_layers": self.input_layers, "steer_layers": self.steer_layers, "pooling": self.pooling,
+                "hidden": self.net.body[0].out_features, "base_strength": self.base_strength,
+                "threshold": self.threshold, "vector": self.vector.metadata(), "metrics": self.metrics,
+                "created": self.created}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save
+
+        base = base_path(path)
+        check(base.name not in ("", ".", ".."), f"invalid controller path {str(path)!r}")
+        tensors = {f"net.{k}": v.detach().cpu().float().contiguous() for k, v in self.net.state_dict().items()}
+        tensors.update({f"direction.{k}": self.vector[k].detach().cpu().float().contiguous()
+                        for k in self.steer_layers})
+        blob = save(tensors, metadata={"format": "steering_lab.controller"})
+        atomic_write_bytes(base.with_suffix(".safetensors"), blob)
+        atomic_write_json(base.with_suffix(".json"), self.metadata())
+        return base
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None) -> Controller:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        base = base_path(path)
+        st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+        check(st.is_file(), f"controller file not found: {st}")
+        check(js.is_file(), f"controller metadata not found: {js}")
+        try:
+            raw = load_file(str(st))
+            meta = json.loads(js.read_text())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"cannot read controller {base}: {exc}") from None
+        check(isinstance(meta, dict) and meta.get("kind") == "steering_controller", f"{js} is not a controller")
+        d = int(meta["d_model"])
+        net = ControllerNet(len(meta["input_layers"]), d, len(meta["steer_layers"]), int(meta["hidden"]))
+        state = {k[4:]: v for k, v in raw.items() if k.startswith("net.")}
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"{st}: controller weights do not match its json ({str(exc).splitlines()[0]})") from None
+        vmeta = dict(meta.get("vector", {}))
+        vec = SteeringVector(directions={int(k[10:]): v for k, v in raw.items() if k.startswith("direction.")},
+                             model=vmeta.get("model", ""), d_model=d, n_layers=vmeta.get("n_layers"),
+                             method=vmeta.get("method", ""), description=vmeta.get("description", ""))
+        ctl = cls(net=net.eval(), input_layers=[int(k) for k in meta["input_layers"]],
+                  steer_layers=[int(k) for k in meta["steer_layers"]], vector=vec,
+                  base_strength=float(meta["base_strength"]), pooling=meta.get("pooling", "last"),
+                  threshold=float(meta.get("threshold", 0.5)), model=meta.get("model", ""),
+                  metrics=meta.get("metrics", {}), created=meta.get("created", ""))
+        if lm is not None:
+            ctl.check_model(lm)
+        return ctl
+
+
+def _target_batch(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str]) -> tuple[dict, torch.Tensor]:
+    """Left-padded prompt+target ids and a mask of the target positions' predictions."""
+    seqs, spans = [], []
+    for p, t in zip(prompts, targets):
+        t_ids = lm.encode(t, special=False)
+        seqs.append(lm.encode_prompt(p) + t_ids)
+        spans.append(len(t_ids))
+    ids, mask, pos = pad_left(seqs, lm.pad_id, lm.device)
+    width = ids.shape[1]
+    pred = torch.zeros((len(seqs), width - 1), device=lm.device)
+    for r, n in enumerate(spans):
+        pred[r, width - 1 - n:] = 1
+    return dict(input_ids=ids, attention_mask=mask, position_ids=pos), pred
+
+
+def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[str], harmless: Sequence[str], *,
+                     steer_layers: Sequence[int], input_layers: Sequence[int], base_strength: float,
+                     refusals: Sequence[str] | None = None, epochs: int = 6, batch_size: int = 8, lr: float = 3e-3,
+                     target_tokens: int = 12, gate_weight: float = 1.0, hidden: int = 64, seed: int = 0,
+                     progress: bool = False) -> Controller:
+    """Train a controller (see module docstring). The LM stays frozen; only the small net learns."""
+    from .datasets import refusal_responses
+    from .generate import generate
+
+    check(len(harmful) > 0 and len(harmless) > 0, "the controller needs harmful and harmless prompts")
+    check(base_strength > 0, "base_strength must be positive")
+    vector.check_model(lm, steer_layers)
+    for k in input_layers:
+        check(0 <= k < lm.n_layers, f"input layer {k} out of range")
+    torch.manual_seed(seed)
+    refusals = list(refusals or refusal_responses())
+    # targets: a refusal for harmful prompts, the model's own (unsteered) opening for harmless ones
+    own = generate(lm, list(harmless), max_new_tokens=target_tokens)
+    prompts = list(harmful) + list(harmless)
+    targets = [refusals[i % len(refusals)] for i in range(len(harmful))] + own
+    labels = torch.tensor([1.0] * len(harmful) + [0.0] * len(harmless))
+    ctl = Controller(net=ControllerNet(len(input_layers), lm.d_model, len(steer_layers), hidden),
+                     input_layers=list(input_layers), steer_layers=list(steer_layers), vector=vector,
+                     base_strength=float(base_strength), model=lm.name)
+    pooled = ctl.pooled(lm, prompts)  # fixed: the controller reads the unsteered prompt
+    ctl.net.set_input_stats(pooled)
+    opt = torch.optim.Adam(ctl.net.parameters(), lr=lr)
+    flags = [p.requires_grad for p in lm.model.parameters()]
+    try:
+        for p in lm.model.parameters():  # the LM is frozen; restored below, the caller's model is not changed
+            p.requires_grad_(False)
+        history = _fit(lm, ctl, vector, steer_layers, prompts, targets, labels, pooled, opt, epochs, batch_size,
+                       gate_weight, seed, progress)
+    finally:
+        for p, flag in zip(lm.model.parameters(), flags):
+            p.requires_grad_(flag)
+    ctl.net.eval()
+    ctl.metrics["train_loss"] = history
+    return ctl
+
+
+def _fit(lm, ctl, vector, steer_layers, prompts, targets, labels, pooled, opt, epochs, batch_size, gate_weight,
+         seed, progress) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in tqdm(range(epochs), desc="controller", disable=not progress):
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        total = 0.0
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            inputs, pred = _target_batch(lm, [prompts[j] for j in idx], [targets[j] for j in idx])
+            scale, weights = ctl.net(pooled[idx])
+            strengths = (scale[:, None] * weights * ctl.base_strength).to(lm.device)
+            items = [Steer(vector, strengths[:, j], layers=[k]) for j, k in enumerate(steer_layers)]
+            with steer(lm, items, differentiable=True):
+                logits = lm.model(**inputs, use_cache=False).logits[:, :-1].float()
+            tgt = inputs["input_ids"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+            lm_loss = ((nll * pred).sum(1) / pred.sum(1).clamp_min(1)).mean()
+            gate = torch.nn.functional.binary_cross_entropy(scale.clamp(1e-6, 1 - 1e-6), labels[idx])
+            loss = lm_loss + gate_weight * gate
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        history.append(total / len(prompts))
+    return history
+
+
+# ---- conditional activation steering (CAST) -----------------------------------------------------
+
+@dataclass
+class Condition:
+    """Apply steering when cos(pooled prompt activation at ``layer``, ``direction``) > ``threshold``."""
+
+    layer: int
+    direction: torch.Tensor
+    threshold: float
+    pooling: str = "last"
+    f1: float = math.nan
+    grid: list[dict] = field(default_factory=list)
+
+    def similarity(self, acts: torch.Tensor) -> torch.Tensor:
+        d = self.direction.float()
+        return torch.nn.functional.cosine_similarity(acts.float(), d[None, :].to(acts.device), dim=-1)
+
+    def applies(self, lm: LoadedModel, prompts: Sequence[str], chat: bool = True) -> torch.Tensor:
+        acts = collect(lm, prompts, layers=[self.layer], position=self.pooling, chat=chat).acts[:, 0]
+        return self.similarity(acts) > self.threshold
+
+
+def f1_score(pred: torch.Tensor, label: torch.Tensor) -> float:
+    tp = float((pred & label).sum())
+    fp = float((pred & ~label).sum())
+    fn = float((~pred & label).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def fit_condition(lm: LoadedModel, positive_train: Sequence[str], negative_train: Sequence[str],
+                  positive_val: Sequence[str], negative_val: Sequence[str], *, layers: Sequence[int] | None = None,
+                  n_thresholds: int = 41, pooling: str = "last", chat: bool = True,
+                  progress: bool = False) -> Condition:
+    """CAST grid search: the condition direction at each layer is the mean difference of the pooled
+    prompt activations (train); the (layer, threshold) with the best F1 on the val set wins, ties
+    going to the threshold in the middle of the widest run of best-F1 thresholds (a margin).
+
+    Pooling defaults to the last prompt token: with a chat template, the mean over the prompt is
+    dominated by the shared system and template tokens."""
+    from .extract import mean_diff
+
+    check(min(len(positive_train), len(negative_train), len(positive_val), len(negative_val)) > 0,
+          "CAST needs positive and negative prompts for train and val")
+    layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    kw = dict(layers=layers, position=pooling, chat=chat, progress=progress)
+    tp, tn = collect(lm, positive_train, **kw).acts, collect(lm, negative_train, **kw).acts
+    vp, vn = collect(lm, positive_val, **kw).acts, collect(lm, negative_val, **kw).acts
+    label = torch.tensor([True] * len(positive_val) + [False] * len(negative_val))
+    best: tuple | None = None
+    grid = []
+    for j, k in enumerate(layers):
+        d = mean_diff(tp[:, j], tn[:, j])
+        sims = Condition(layer=k, direction=d, threshold=0.0).similarity(torch.cat([vp[:, j], vn[:, j]]))
+        ts = torch.linspace(float(sims.min()), float(sims.max()), n_thresholds).tolist()
+        f1s = [f1_score(sims > t, label) for t in ts]
+        grid += [{"layer": k, "threshold": t, "f1": f} for t, f in zip(ts, f1s)]
+        top = max(f1s)
+        run, longest = 0, (0, 0)  # widest run of consecutive thresholds reaching the top F1
+        for i, f in enumerate(f1s):
+            run = run + 1 if f >= top - 1e-12 else 0
+            if run > longest[0]:
+                longest = (run, i)
+        width, end = longest
+        margin = width / n_thresholds
+        threshold = ts[end - (width - 1) // 2]
+        if best is None or (top, margin) > (best[0], best[1]):
+            best = (top, margin, k, d, threshold)
+    top, _, k, d, threshold = best
+    return Condition(layer=k, direction=d, threshold=threshold, pooling=pooling, f1=top, grid=grid)
+
+
+def conditional_generate(lm: LoadedModel, prompts: Sequence[str], condition: Condition, vector: SteeringVector,
+                         strength: float, *, layers: Sequence[int] | None = None, **kw) -> tuple[list[str], list[bool]]:
+    """Generate all prompts in one batch; rows whose condition holds are steered, the others get 0."""
+    from .generate import generate
+
+    applies = condition.applies(lm, prompts).tolist()
+    strengths = [strength if a else 0.0 for a in applies]
+    return generate(lm, list(prompts), Steer(vector, strengths, layers=layers), **kw), applies

@@ -1,0 +1,136 @@
+"""Live monitors (probe scores and projections on directions, token by token) and "steer when
+needed": watch a probe while generating and, when it crosses a threshold, turn steering on and
+regenerate the last few tokens (backtracking, after FASB)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .activations import pad_left
+from .errors import check
+from .generate import _choose, _forward, _new_cache, encode_prompts
+from .intervene import Steer, capture, steer
+from .model import LoadedModel
+from .probes import Probe
+
+
+@dataclass
+class Monitor:
+    """A named function of the residual stream at one layer (``read``: ``[B, d]`` -> ``[B]``)."""
+
+    name: str
+    layer: int
+
+    def read(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class ProbeMonitor(Monitor):
+    probe: Probe = None
+
+    def read(self, h: torch.Tensor) -> torch.Tensor:
+        return self.probe.score(h)
+
+
+@dataclass
+class DirectionMonitor(Monitor):
+    direction: torch.Tensor = None
+
+    def __post_init__(self) -> None:
+        d = self.direction.detach().float()
+        check(float(d.norm()) > 0, f"monitor {self.name!r}: zero direction")
+        self._unit = d / d.norm()
+
+    def read(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float() @ self._unit.to(h.device)
+
+
+def probe_monitor(probe: Probe, name: str | None = None) -> ProbeMonitor:
+    return ProbeMonitor(name=name or probe.description or "probe", layer=probe.layer, probe=probe)
+
+
+def direction_monitor(vector, layer: int | None = None, name: str | None = None) -> DirectionMonitor:
+    """Projection on a SteeringVector's (unit) direction at ``layer`` (default: its recommended one)."""
+    layer = vector.recommended_layer if layer is None else layer
+    check(layer is not None, "direction monitor needs a layer")
+    return DirectionMonitor(name=name or vector.description or "direction", layer=layer, direction=vector[layer])
+
+
+def offline_values(lm: LoadedModel, prompt_ids: Sequence[int], generated: Sequence[int], monitors: Sequence[Monitor],
+                   steering: Steer | Sequence[Steer] = ()) -> dict[str, list[float]]:
+    """The monitors recomputed by one teacher-forced pass (for checking the live values)."""
+    seq = list(prompt_ids) + list(generated)
+    ids = torch.tensor([seq], device=lm.device)
+    layers = sorted({m.layer for m in monitors})
+    items = [steering] if isinstance(steering, Steer) else list(steering)
+    with torch.inference_mode(), steer(lm, items), capture(lm, layers) as cap:
+        lm.model(input_ids=ids, use_cache=False)
+    start = len(prompt_ids) - 1  # the position that chose generated[0]
+    out = {}
+    for m in monitors:
+        h = cap.last(m.layer)[0, start:start + len(generated)]
+        out[m.name] = m.read(h).cpu().tolist()
+    return out
+
+
+@dataclass
+class NeededResult:
+    text: str
+    token_ids: list[int]
+    triggered_at: int | None  # index of the generated token whose score crossed the threshold
+    scores: list[float] = field(default_factory=list)
+
+
+def steer_when_needed(lm: LoadedModel, prompt: str, steering: Steer | Sequence[Steer], probe: Probe, *,
+                      threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 64,
+                      chat: bool = True, system: str | None = None) -> NeededResult:
+    """Generate unsteered while a probe watches; when its score exceeds ``threshold``, switch the
+    steering on (in place, no re-registration), drop the last ``backtrack`` tokens from the text
+    and the KV cache, and continue from there with steering on. Greedy, one prompt."""
+    check(backtrack >= 0, "backtrack must be >= 0")
+    items = [steering] if isinstance(steering, Steer) else list(steering)
+    check(bool(items), "steer_when_needed needs something to steer with")
+    off = [Steer(s.vector, 0.0, layers=s.layers, operator=s.operator, scope=s.scope) for s in items]
+    on_strengths = [s.strength for s in items]
+    prompt_ids = encode_prompts(lm, [prompt], chat=chat, system=system)[0]
+    ids, mask, pos = pad_left([prompt_ids], lm.pad_id, lm.device)
+    cache = _new_cache(lm)
+    out: list[int] = []
+    scores: list[float] = []
+    triggered = None
+    eos = set(lm.eos_ids)
+    with torch.inference_mode(), steer(lm, off) as handle, \
+            capture(lm, [probe.layer], fn=lambda k, h: h[:, -1].float()) as cap:
+        logits = _forward(lm, ids, mask, pos, cache)
+        while len(out) < max_new_tokens:
+            score = float(probe.score(cap.outputs[probe.layer][-1])[0])
+            cap.clear()
+            if triggered is None and score > threshold:
+                triggered = len(out)
+                for i, s in enumerate(on_strengths):
+                    handle.set_strength(i, s)
+                keep = max(0, len(out) - backtrack)
+                out, scores = out[:keep], scores[:keep]
+                cache.crop(len(prompt_ids) + keep - 1)  # everything before the re-run position
+                # re-run the last kept position (or the last prompt token) with steering on
+                last = out[-1] if out else prompt_ids[-1]
+                n = len(prompt_ids) + len(out)
+                logits = _forward(lm, torch.tensor([[last]], device=lm.device),
+                                  torch.ones((1, n), dtype=torch.long, device=lm.device),
+                                  torch.tensor([[n - 1]], device=lm.device), cache)
+                continue
+            nxt = int(_choose(logits, 0.0, 1.0, None)[0])
+            out.append(nxt)
+            scores.append(score)
+            if nxt in eos:
+                break
+            n = len(prompt_ids) + len(out)
+            logits = _forward(lm, torch.tensor([[nxt]], device=lm.device),
+                              torch.ones((1, n), dtype=torch.long, device=lm.device),
+                              torch.tensor([[n - 1]], device=lm.device), cache)
+    text = lm.decode([t for t in out if t not in eos])
+    return NeededResult(text=text, token_ids=out, triggered_at=triggered, scores=scores)

@@ -1,0 +1,231 @@
+"""Linear probes: logistic regression (scikit-learn) on pooled block outputs, a layer sweep with
+held-out AUROC and accuracy, and a torch-only scorer that is bit-identical before and after
+save/load (safetensors + json, never pickle).
+
+Score = sigmoid(w . (h - mean) / scale + b), in [0, 1], 1 = the positive class.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .activations import POSITIONS, collect
+from .datasets import ContrastSet
+from .errors import UserError, check
+from .extract import auroc
+from .model import LoadedModel
+from .vector import atomic_write_bytes, atomic_write_json, base_path, check_finite
+
+POOLINGS = ("last", "mean", "max")
+_TENSORS = ("weight", "mean", "scale", "bias")
+
+
+@dataclass
+class Probe:
+    layer: int
+    pooling: str
+    weight: torch.Tensor  # [d]
+    mean: torch.Tensor    # [d]
+    scale: torch.Tensor   # [d]
+    bias: torch.Tensor    # [1]
+    model: str = ""
+    d_model: int | None = None
+    labels: tuple[str, str] = ("positive", "negative")
+    chat: bool = True
+    dataset: str = ""
+    description: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
+
+    def __post_init__(self) -> None:
+        check(self.pooling in POOLINGS, f"unknown pooling {self.pooling!r} (choose {', '.join(POOLINGS)})")
+        for name in _TENSORS:
+            t = getattr(self, name)
+            check(isinstance(t, torch.Tensor) and t.is_floating_point(), f"probe {name} must be a float tensor")
+            check_finite(t, f"probe {name}")
+        d = self.weight.shape[0]
+        check(self.weight.dim() == 1 and self.mean.shape == (d,) and self.scale.shape == (d,),
+              "probe weight, mean and scale must all have shape [d_model]")
+        check(self.bias.numel() == 1, "probe bias must be a single number")
+        check(bool((self.scale > 0).all()), "probe scale must be positive")
+        if self.d_model is None:
+            self.d_model = d
+        check(self.d_model == d, f"metadata says d_model {self.d_model} but the weights have {d}")
+
+    # ---- scoring -----------------------------------------------------------------------
+    def logit(self, acts: torch.Tensor) -> torch.Tensor:
+        """Decision values for activations ``[..., d]`` (any float dtype; computed in float32)."""
+        a = acts.float()
+        w, mu, sd = (t.to(a.device) for t in (self.weight, self.mean, self.scale))
+        return ((a - mu) / sd) @ w + self.bias.to(a.device)
+
+    def score(self, acts: torch.Tensor) -> torch.Tensor:
+        """Probability of the positive class for activations ``[..., d]``."""
+        return torch.sigmoid(self.logit(acts))
+
+    def check_model(self, lm: LoadedModel) -> None:
+        check(self.d_model == lm.d_model, f"probe was trained on d_model {self.d_model} ({self.model or 'unknown'}) "
+                                          f"but {lm.name} has d_model {lm.d_model}")
+        check(0 <= self.layer < lm.n_layers, f"probe reads layer {self.layer} but {lm.name} has {lm.n_layers} blocks")
+
+    # ---- files -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {"kind": "linear_probe", "layer": self.layer, "pooling": self.pooling, "model": self.model,
+                "d_model": self.d_model, "labels": list(self.labels), "chat": self.chat, "dataset": self.dataset,
+                "description": self.description, "metrics": self.metrics, "created": self.created}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save
+
+        base = base_path(path)
+        check(base.name not in ("", ".", ".."), f"invalid probe path {str(path)!r}")
+        tensors = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous().reshape(-1)
+                   for name in _TENSORS}
+        atomic_write_bytes(base.with_suffix(".safetensors"), save(tensors, metadata={"format": "steering_lab.probe"}))
+        atomic_write_json(base.with_suffix(".json"), self.metadata())
+        return base
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None) -> Probe:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        base = base_path(path)
+        st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+        check(st.is_file(), f"probe file not found: {st}")
+        check(js.is_file(), f"probe metadata not found: {js} (a probe needs its json: layer and pooling)")
+        try:
+            raw = load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{st} is not a valid safetensors file: {exc}") from None
+        missing = [n for n in _TENSORS if n not in raw]
+        check(not missing, f"{st} is not a probe: missing tensors {missing}")
+        try:
+            meta = json.loads(js.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{js} is not valid JSON: {exc}") from None
+        check(isinstance(meta, dict) and meta.get("kind") == "linear_probe", f"{js} does not describe a linear probe")
+        for key in ("layer", "pooling"):
+            check(key in meta, f"{js} has no {key!r}")
+        probe = cls(layer=int(meta["layer"]), pooling=str(meta["pooling"]),
+                    weight=raw["weight"], mean=raw["mean"], scale=raw["scale"], bias=raw["bias"],
+                    model=meta.get("model", ""), d_model=meta.get("d_model"),
+                    labels=tuple(meta.get("labels", ("positive", "negative"))), chat=bool(meta.get("chat", True)),
+                    dataset=meta.get("dataset", ""), description=meta.get("description", ""),
+                    metrics=meta.get("metrics", {}), created=meta.get("created", ""))
+        if lm is not None:
+            probe.check_model(lm)
+        return probe
+
+
+def fit_probe(pos: torch.Tensor, neg: torch.Tensor, C: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """Logistic regression on standardised activations; returns (weight, mean, scale, bias)."""
+    from sklearn.linear_model import LogisticRegression
+
+    check(pos.shape[0] > 0 and neg.shape[0] > 0, "a probe needs examples of both classes")
+    x = torch.cat([pos, neg]).double()
+    y = [1] * pos.shape[0] + [0] * neg.shape[0]
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    clf = LogisticRegression(C=C, max_iter=5000)
+    clf.fit(((x - mu) / sd).numpy(), y)
+    return (torch.as_tensor(clf.coef_[0], dtype=torch.float32), mu.float(), sd.float(),
+            torch.as_tensor(clf.intercept_, dtype=torch.float32).reshape(1))
+
+
+@dataclass
+class ProbeLayerScore:
+    layer: int
+    auroc: float
+    accuracy: float
+
+
+def _pooled(lm: LoadedModel, texts: Sequence[str], pooling: str, layers, chat: bool, batch_size: int,
+            progress: bool, desc: str) -> torch.Tensor:
+    check(pooling in POOLINGS and pooling in POSITIONS, f"unknown pooling {pooling!r} (choose {', '.join(POOLINGS)})")
+    return collect(lm, texts, layers=layers, position=pooling, chat=chat, batch_size=batch_size,
+                   progress=progress, desc=desc).acts
+
+
+Split = tuple[list[int], list[int]]  # (positive indices, negative indices)
+
+
+def instruction_splits() -> tuple[Split, Split, Split]:
+    """The bundled harmful/harmless split (datasets.SPLITS) as index pairs: train, val, test."""
+    from .datasets import SPLITS, harmful_instructions
+
+    n = len(harmful_instructions())
+    out = []
+    for name in ("train", "val", "test"):
+        lo, hi = SPLITS[name]
+        idx = list(range(lo, n if hi is None else hi))
+        out.append((idx, list(idx)))
+    return out[0], out[1], out[2]
+
+
+def train_probe(lm: LoadedModel, contrast: ContrastSet, *, pooling: str = "last", layer: int | None = None,
+                layers: Sequence[int] | None = None, splits: tuple[Split, Split, Split] | None = None,
+                holdout: float = 0.3, seed: int = 0, C: float = 1.0, chat: bool = True, batch_size: int = 16,
+                progress: bool = False) -> tuple[Probe, list[ProbeLayerScore]]:
+    """Fit a probe at every layer (or at ``layer``) on the train split, pick the layer with the
+    best AUROC on the selection split, and report AUROC/accuracy on the test split.
+
+    The texts of ``contrast`` are classified as prompts (chat-formatted when ``chat``).
+    ``splits`` = (train, select, test) index pairs; by default a seeded ``holdout`` split whose
+    held-out part serves for both selection and the report (say so when you quote it).
+    """
+    check(contrast.prompts is None, "probes classify texts: give a contrast set without a 'prompt' field")
+    if splits is None:
+        pt, ph, nt, nh = contrast.split(holdout, seed)
+        check(bool(ph) and bool(nh), "too few examples to hold any out (need at least 4 per class)")
+        splits = ((pt, nt), (ph, nh), (ph, nh))
+    train, select, test = splits
+    wanted = [layer] if layer is not None else (list(layers) if layers is not None else list(range(lm.n_layers)))
+    for k in wanted:
+        check(0 <= k < lm.n_layers, f"layer {k} out of range: the model has {lm.n_layers} blocks")
+    pos = _pooled(lm, contrast.positive, pooling, wanted, chat, batch_size, progress, "positive")
+    neg = _pooled(lm, contrast.negative, pooling, wanted, chat, batch_size, progress, "negative")
+
+    def evaluate(probe: Probe, j: int, split: Split) -> tuple[float, float]:
+        sp, sn = probe.score(pos[split[0], j]), probe.score(neg[split[1], j])
+        acc = float(torch.cat([(sp > 0.5).float(), (sn <= 0.5).float()]).mean())
+        return auroc(sp, sn), acc
+
+    rows, fitted = [], {}
+    for j, k in enumerate(wanted):
+        w, mu, sd, b = fit_probe(pos[train[0], j], neg[train[1], j], C)
+        probe = Probe(layer=k, pooling=pooling, weight=w, mean=mu, scale=sd, bias=b)
+        a, acc = evaluate(probe, j, select)
+        rows.append(ProbeLayerScore(layer=k, auroc=a, accuracy=acc))
+        fitted[k] = (probe, j)
+    best = max(rows, key=lambda r: (r.auroc, r.accuracy, -r.layer))
+    probe, j = fitted[best.layer]
+    test_auroc, test_acc = evaluate(probe, j, test)
+    probe.model, probe.d_model, probe.labels, probe.chat = lm.name, lm.d_model, tuple(contrast.labels), chat
+    probe.dataset, probe.description = contrast.name, contrast.description or f"{contrast.name} probe"
+    probe.metrics = {"test_auroc": test_auroc, "test_accuracy": test_acc, "select_auroc": best.auroc,
+                     "n_train": len(train[0]) + len(train[1]), "n_test": len(test[0]) + len(test[1]),
+                     "selection_is_test": select == test, "layer_sweep": [asdict(r) for r in rows]}
+    return probe, rows
+
+
+def score_texts_with_probe(lm: LoadedModel, probe: Probe, texts: Sequence[str], *, batch_size: int = 16,
+                           progress: bool = False) -> list[float]:
+    """Probe score of each text (as a prompt, pooled as the probe was trained)."""
+    probe.check_model(lm)
+    acts = _pooled(lm, texts, probe.pooling, [probe.layer], probe.chat, batch_size, progress, "probe")
+    return probe.score(acts[:, 0]).tolist()
+
+
+def sweep_table(rows: Sequence[ProbeLayerScore], best: int) -> str:
+    lines = [f"{'layer':>5} {'auroc':>7} {'acc':>7}"]
+    for r in rows:
+        lines.append(f"{r.layer:>5} {r.auroc:>7.3f} {r.accuracy:>7.3f}{'  <- best' if r.layer == best else ''}")
+    return "\n".join(lines)
