@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", action="append", default=[],
                    help="layer(s) for the matching --vector, e.g. 9 or 8-10 (default: its recommended layer)")
     p.add_argument("--operator", default="add", help="add, ablate, clamp or rotate")
+    p.add_argument("--compose", default="separate", choices=["separate", "sum"],
+                   help="several vectors: each at its own layer (default) or summed at the first one's layer")
+    p.add_argument("--dynamic", type=float, default=None, metavar="TAU",
+                   help="per-step strengths by KL (Dynamic Activation Composition); TAU in nats, e.g. 0.5")
+    p.add_argument("--controller", default=None,
+                   help="a trained controller: it decides from the prompt how strongly to apply its vector")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
@@ -86,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--json", action="store_true", help='print {"baseline": ..., "steered": ...}')
 
-    from . import cli_refusal
+    from . import cli_persona, cli_probes, cli_refusal
 
-    for module in (cli_refusal,):  # feature modules add their own sub-commands
+    for module in (cli_refusal, cli_probes, cli_persona):  # feature modules add their own sub-commands
         module.add_parsers(sub, _model_arg)
     return parser
 
@@ -158,6 +164,8 @@ def steers_from_args(args: argparse.Namespace, lm) -> list:
 
 @command("generate")
 def _generate(args: argparse.Namespace) -> int:
+    import torch
+
     from .generate import generate
     from .intervene import OPERATORS, Steer
 
@@ -165,11 +173,42 @@ def _generate(args: argparse.Namespace) -> int:
     check(args.prompt.strip() != "", "--prompt is empty")
     check(args.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
     check_steer_args(args)
+    controller = None
+    if args.controller:
+        from .controller import Controller
+
+        check(not args.vector, "--controller brings its own vector; do not combine it with --vector")
+        controller = Controller.load(args.controller)
     lm = _load(args)
     steers = steers_from_args(args, lm)
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                 system=args.system)
-    if not steers:
+    if steers and (args.compose == "sum" or args.dynamic is not None):
+        check(args.operator == "add", "--compose sum and --dynamic work with the add operator")
+    if steers and args.compose == "sum":
+        from .compose import compose
+
+        first_layer = steers[0].layers[0] if steers[0].layers else None
+        steers = compose([(s.vector, float(s.strength)) for s in steers], mode="sum", layer=first_layer)
+    if steers and args.dynamic is not None:
+        from .compose import dynamic_stream
+        from .generate import final
+
+        check(args.dynamic > 0, "--dynamic needs a positive TAU")
+        check(args.temperature == 0, "--dynamic decodes greedily; drop --temperature")
+        baseline = generate(lm, [args.prompt], **opts)[0]
+        last = final(dynamic_stream(lm, args.prompt, [(s.vector, float(s.strength)) for s in steers],
+                                    layers=[s.layers for s in steers], tau=args.dynamic,
+                                    max_new_tokens=args.max_new_tokens, system=args.system))
+        steered = last.text
+    elif controller is not None:
+        controller.check_model(lm)
+        scale, weights = controller.decide(lm, [args.prompt])
+        rows = controller.steering(torch.cat([torch.zeros_like(scale), scale]), torch.cat([weights, weights]))
+        baseline, steered = generate(lm, [args.prompt, args.prompt], rows, **opts)
+        print(f"controller scale {float(scale[0]):.3f} (applied: {float(scale[0]) >= controller.threshold})",
+              file=sys.stderr)
+    elif not steers:
         baseline, steered = generate(lm, [args.prompt], **opts)[0], None
     elif args.operator == "clamp":  # clamping to 0 is not the identity: run the baseline apart
         baseline = generate(lm, [args.prompt], **opts)[0]

@@ -35,6 +35,7 @@ class Step:
     done: list[bool]
     token_ids: list[list[int]]
     monitor: dict[str, list[float]] = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # [B, V] float32 that chose this step's tokens (want_logits=True)
 
 
 @lru_cache(maxsize=32)
@@ -57,7 +58,10 @@ def _forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.
     kwargs = {lm.cache_kwarg: cache, "use_cache": True}
     if _forward_accepts(type(lm.model), "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
+    # inference mode per forward, not around a generator's yields: grad mode is thread-local and a
+    # streaming consumer (Gradio) may resume the generator on another thread
+    with torch.inference_mode():
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
     # a model split across devices returns logits on its last device
     return out.logits[:, -1].float().to(lm.device)
 
@@ -86,12 +90,16 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], *, chat: bool = True
 def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequence[Steer] = (), *,
            max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
            chat: bool = True, system: str | None = None, prompt_ids: Sequence[Sequence[int]] | None = None,
-           monitors: Sequence = ()) -> Iterator[Step]:
+           monitors: Sequence = (), prompt_len: int | None = None, follow: dict[int, int] | None = None,
+           want_logits: bool = False) -> Iterator[Step]:
     """Yield one :class:`Step` per generated token for a batch of prompts.
 
     ``steering`` strengths may be per row (one per prompt). ``monitors`` (see ``monitor.py``) are
-    read on the steered residual stream at every step. Closing the generator early removes every
-    hook (it runs inside ``steer`` and ``capture``).
+    read on the steered residual stream at every step. ``prompt_len`` moves the boundary that the
+    ``prompt``/``generated`` scopes use (default: the padded prompt length). ``follow={i: j}`` feeds
+    row ``i`` the tokens that row ``j`` chooses (a "shadow" row: e.g. the unsteered model reading the
+    steered text, for live KL and perplexity). Closing the generator early removes every hook (it
+    runs inside ``steer`` and ``capture``).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -107,14 +115,16 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
     out_ids: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool, device=lm.device)
     cache = _new_cache(lm)
-    context = steer(lm, items) if items else nullcontext()
+    context = steer(lm, items, prompt_len=prompt_len) if items else nullcontext()
     watch = sorted({m.layer for m in monitors})
     # registered after the steering hooks, so monitors read the steered stream
     reading = capture(lm, watch, fn=lambda k, h: h[:, -1].float()) if watch else nullcontext()
-    with torch.inference_mode(), context, reading as cap:
+    with context, reading as cap:
         logits = _forward(lm, ids, mask, pos, cache)
         for step in range(max_new_tokens):
             nxt = _choose(logits, temperature, top_p, gen)
+            for i, j in (follow or {}).items():
+                nxt[i] = nxt[j]
             nxt = torch.where(done, eos[0].expand_as(nxt), nxt)
             for i in range(n):
                 if not bool(done[i]):
@@ -126,7 +136,8 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
                 values = {m.name: m.read(cap.outputs[m.layer][-1]).cpu().tolist() for m in monitors}
                 cap.clear()
             yield Step(index=step, tokens=nxt.tolist(), texts=texts, done=done.tolist(),
-                       token_ids=[list(r) for r in out_ids], monitor=values)
+                       token_ids=[list(r) for r in out_ids], monitor=values,
+                       logits=logits if want_logits else None)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)

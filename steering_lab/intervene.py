@@ -46,6 +46,7 @@ class Steer:
     layers: Sequence[int] | int | None = None
     operator: str = "add"
     scope: str = "all"
+    rows: Sequence[bool] | None = None  # batch rows it acts on (default all); others are left exactly as they are
 
     def __post_init__(self) -> None:
         check(self.operator in OPERATORS, f"unknown operator {self.operator!r} (choose {', '.join(OPERATORS)})")
@@ -95,9 +96,10 @@ class _Op:
     """One intervention at one layer, with its buffers on the block's device."""
 
     def __init__(self, direction: torch.Tensor, strength: torch.Tensor, operator: str, scope: str,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, rows: Sequence[bool] | None = None) -> None:
         self.operator = operator
         self.scope = scope
+        self.rows = None if rows is None else torch.as_tensor(list(rows), dtype=torch.bool, device=device)
         d32 = direction.detach().to(device=device, dtype=torch.float32)
         norm = d32.norm()
         if operator != "add":
@@ -131,6 +133,10 @@ class _Op:
                 new = torch.where(c == 0, h, new)  # exact identity at strength 0
         if self.scope != "all":
             new = torch.where(positions.mask(h, self.scope), new, h)
+        if self.rows is not None:
+            check(self.rows.numel() == h.shape[0],
+                  f"rows mask has {self.rows.numel()} entries for {h.shape[0]} rows")
+            new = torch.where(self.rows.view(-1, 1, 1), new, h)
         return new
 
 
@@ -242,7 +248,7 @@ def steer(target: Any, interventions: Steer | Sequence[Steer], *,
             block = layers[k]
             device = next((p.device for p in block.parameters()), strength.device)
             op = _Op(direction, strength if differentiable else strength.clone(), item.operator, item.scope, device,
-                     _block_dtype(block, direction.dtype))
+                     _block_dtype(block, direction.dtype), item.rows)
             ops.append(op)
             per_layer.setdefault(k, []).append(op)
         handle.ops.append(ops)

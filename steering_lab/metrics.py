@@ -91,6 +91,23 @@ def mean_distinct_n(texts: Sequence[str], n: int = 2) -> float:
     return sum(distinct_n(t, n) for t in texts) / len(texts)
 
 
+_CONTRACTION = re.compile(r"\b\w+'(s|re|ve|ll|d|m|t)\b|\b(gonna|wanna|gotta|kinda|sorta|ya|yeah|yup|nope|lol|"
+                          r"omg|tbh|btw|hey|cool|awesome|dude|stuff|super|totally)\b")
+
+
+def informality(text: str) -> float:
+    """Casual markers per 100 words: contractions, common slang, and exclamation marks.
+
+    A transparent lexical measure (ours, not a trained model) used to report what the formality
+    vector does; higher = more casual."""
+    t = normalize(text)
+    words = t.split()
+    if not words:
+        return 0.0
+    hits = len(_CONTRACTION.findall(t)) + t.count("!")
+    return 100.0 * hits / len(words)
+
+
 def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``KL(p || q)`` per row, averaged over positions where ``mask`` is 1. Shapes ``[B, T, V]``."""
     logp = torch.log_softmax(p_logits.float(), -1)

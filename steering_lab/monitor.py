@@ -115,7 +115,9 @@ def steer_when_needed(lm: LoadedModel, prompt: str, steering: Steer | Sequence[S
                     handle.set_strength(i, s)
                 keep = max(0, len(out) - backtrack)
                 out, scores = out[:keep], scores[:keep]
-                cache.crop(len(prompt_ids) + keep - 1)  # everything before the re-run position
+                remove = cache.get_seq_length() - (len(prompt_ids) + keep - 1)  # keep all before the re-run
+                if remove > 0:
+                    cache.crop(-remove)  # negative = tokens to drop, in old and new transformers alike
                 # re-run the last kept position (or the last prompt token) with steering on
                 last = out[-1] if out else prompt_ids[-1]
                 n = len(prompt_ids) + len(out)

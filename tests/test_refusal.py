@@ -9,9 +9,18 @@ from steering_lab.datasets import harmful_instructions, harmless_instructions
 from steering_lab.errors import UserError
 from steering_lab.intervene import capture, hook_count
 from steering_lab.model import load_model
-from steering_lab.refusal import (Candidate, ablated, choose_candidate, orthogonalize, post_instruction_length,
-                                  refusal_score, residual_writers, save_orthogonalized, select_refusal_direction,
-                                  style_contrast)
+from steering_lab.refusal import (
+    Candidate,
+    ablated,
+    choose_candidate,
+    orthogonalize,
+    post_instruction_length,
+    refusal_score,
+    residual_writers,
+    save_orthogonalized,
+    select_refusal_direction,
+    style_contrast,
+)
 
 PROMPTS = ["Explain how a bicycle gear system works.", "Write a short poem about autumn leaves.", "Hi"]
 

@@ -93,3 +93,14 @@ def probe_sweep_figure(rows: Sequence[dict], best: int | None, title: str = "Pro
     fig.update_yaxes(title_text="held-out score", range=[0.4, 1.02])
     fig.update_layout(title=title, height=360, legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+def monitor_figure(series: dict[str, Sequence[float]], title: str = "Per-token monitors") -> go.Figure:
+    """One line per monitor over the generated tokens."""
+    fig = go.Figure()
+    for name, values in series.items():
+        fig.add_trace(go.Scatter(y=list(values), mode="lines+markers", name=name, marker=dict(size=4)))
+    fig.update_xaxes(title_text="generated token")
+    fig.update_yaxes(title_text="value")
+    fig.update_layout(title=title, height=300, margin=dict(t=40, b=40), legend=dict(orientation="h", y=-0.3))
+    return fig

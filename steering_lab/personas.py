@@ -1,0 +1,177 @@
+"""Personality and persona trait directions (Big Five or any custom trait).
+
+For a trait, two system prompts ask the model to express the trait or its opposite; the model
+answers a bundled set of neutral questions under each. Two directions come out:
+
+* **response direction** (the main one, as persona vectors do): mean block output over the
+  model's own *response* tokens, read without the system prompt, trait-high minus trait-low;
+* **prompt direction**: last-token activations of the system-prompted prompts, high minus low.
+
+The layer is chosen by the layer scan. The **trait score** of a text is its projection on the
+response direction at that layer, calibrated on the contrast set: 0 = like the trait-low answers,
+1 = like the trait-high answers (values outside [0, 1] are more extreme than either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .activations import collect
+from .datasets import ContrastSet, _data_text, _lines
+from .errors import check
+from .extract import extract
+from .model import LoadedModel
+from .vector import SteeringVector
+
+
+@dataclass(frozen=True)
+class Trait:
+    name: str
+    high: str  # description of the trait expressed
+    low: str   # description of its opposite
+
+    def system(self, pole: str) -> str:
+        text = self.high if pole == "high" else self.low
+        return (f"You are a person who is {text}. Stay in character and let it show clearly in everything you say, "
+                "in the first person.")
+
+
+BIG_FIVE = {
+    "openness": Trait("openness",
+                      "very open to experience: curious, imaginative, creative, eager for new ideas, art and "
+                      "unusual experiences",
+                      "very closed to experience: conventional, incurious, suspicious of new ideas, attached to "
+                      "routine and the familiar"),
+    "conscientiousness": Trait("conscientiousness",
+                               "very conscientious: organised, careful, disciplined, always planning ahead and "
+                               "paying attention to detail",
+                               "very unconscientious: careless, disorganised, impulsive, always procrastinating and "
+                               "ignoring details"),
+    "extraversion": Trait("extraversion",
+                          "very extraverted: outgoing, talkative, energetic, loving parties and being around people",
+                          "very introverted: reserved, quiet, solitary, preferring to be alone and avoiding crowds"),
+    "agreeableness": Trait("agreeableness",
+                           "very agreeable: warm, kind, cooperative, trusting and considerate of others",
+                           "very disagreeable: cold, rude, competitive, suspicious and dismissive of others"),
+    "neuroticism": Trait("neuroticism",
+                         "very neurotic: anxious, moody, easily stressed, constantly worried and insecure",
+                         "very emotionally stable: calm, relaxed, secure, rarely worried or upset"),
+}
+
+
+def persona_questions() -> list[str]:
+    return _lines(_data_text("persona_questions.txt"))
+
+
+# Questions 0-29 build the contrast set; 30-39 are held out for evaluations.
+TRAIN_QUESTIONS, TEST_QUESTIONS = slice(0, 30), slice(30, None)
+
+
+def get_trait(name: str, description: str | None = None) -> Trait:
+    """A Big Five trait by name, or a custom one from a name and a one-line description."""
+    key = name.strip().lower()
+    check(key != "", "a trait needs a name")
+    if description is None:
+        check(key in BIG_FIVE, f"unknown trait {name!r}: give --description for a custom trait "
+                               f"(built in: {', '.join(BIG_FIVE)})")
+        return BIG_FIVE[key]
+    desc = description.strip().rstrip(".")
+    check(desc != "", "the trait description is empty")
+    return Trait(key, f"{key}: {desc}", f"the opposite of {key}: not at all {desc}")
+
+
+def trait_openings(trait: Trait) -> dict[str, list[str]]:
+    """Openings that start each answer in character (hand-written for the Big Five; built from
+    the description for a custom trait). The model writes the rest of the answer itself."""
+    import json
+
+    rows = [json.loads(line) for line in _lines(_data_text("trait_openings.jsonl"))]
+    found = {pole: [r["text"] for r in rows if r["trait"] == trait.name and r["pole"] == pole]
+             for pole in ("high", "low")}
+    if found["high"] and found["low"]:
+        return found
+    return {"high": [f"As someone who is {trait.high}, I'd say"], "low": [f"As someone who is {trait.low}, I'd say"]}
+
+
+def trait_contrast(lm: LoadedModel, trait: Trait, questions: Sequence[str] | None = None, *,
+                   max_new_tokens: int = 40, batch_size: int = 40, progress: bool = False) -> ContrastSet:
+    """Answers to ``questions`` in character, trait-high vs trait-low: the trait's system prompt,
+    an opening in character, then the model's own continuation (a 135M model follows a persona
+    system prompt too weakly on its own for a clean contrast)."""
+    from .generate import final, stream
+
+    questions = list(persona_questions()[TRAIN_QUESTIONS] if questions is None else questions)
+    check(len(questions) >= 4, "a trait needs at least 4 questions")
+    openings = trait_openings(trait)
+    answers: dict[str, list[str]] = {}
+    for pole in tqdm(("high", "low"), desc=f"{trait.name} answers", disable=not progress, leave=False):
+        system = trait.system(pole)
+        starts = [openings[pole][i % len(openings[pole])] for i in range(len(questions))]
+        ids = [lm.encode_prompt(q, system=system) + lm.encode(o, special=False) for q, o in zip(questions, starts)]
+        out: list[str] = []
+        for i in range(0, len(questions), batch_size):
+            last = final(stream(lm, questions[i:i + batch_size], max_new_tokens=max_new_tokens,
+                                prompt_ids=ids[i:i + batch_size]))
+            out += last.texts
+        answers[pole] = [(o + c).strip() for o, c in zip(starts, out)]
+    return ContrastSet(name=f"trait:{trait.name}", prompts=questions, positive=answers["high"],
+                       negative=answers["low"],
+                       description=f"{trait.name}: answers in character, high vs low (+ = {trait.name})",
+                       labels=(f"high {trait.name}", f"low {trait.name}"))
+
+
+def trait_direction(lm: LoadedModel, trait: Trait, *, contrast: ContrastSet | None = None,
+                    progress: bool = False) -> tuple[SteeringVector, SteeringVector]:
+    """``(response_vector, prompt_vector)`` for ``trait``; both unit-norm at every layer with the
+    layer scan, the response vector carrying the trait-score calibration."""
+    contrast = contrast or trait_contrast(lm, trait, progress=progress)
+    vec, scan = extract(lm, contrast, "mean_diff", position="response_mean", progress=progress,
+                        description=f"{trait.name} (+) / its opposite (-): persona direction from the model's own "
+                                    "answers in character (mean over response tokens)")
+    vec.extra["trait"] = {"name": trait.name, "high": trait.high, "low": trait.low}
+    layer = vec.recommended_layer
+    pos = collect(lm, contrast.prompts, contrast.positive, layers=[layer], position="response_mean").acts[:, 0]
+    neg = collect(lm, contrast.prompts, contrast.negative, layers=[layer], position="response_mean").acts[:, 0]
+    unit = vec[layer]
+    vec.extra["trait_score"] = {"layer": layer, "mu_high": float((pos @ unit).mean()),
+                                "mu_low": float((neg @ unit).mean())}
+    # the prompt direction: last token of the system-prompted prompts
+    kw = dict(position="last", progress=progress)
+    ph = collect(lm, contrast.prompts, system=trait.system("high"), **kw)
+    pl = collect(lm, contrast.prompts, system=trait.system("low"), **kw)
+    dirs = {}
+    for j, k in enumerate(ph.layers):
+        d = ph.acts[:, j].mean(0) - pl.acts[:, j].mean(0)
+        dirs[k] = d / d.norm().clamp_min(1e-12)
+    prompt_vec = SteeringVector(directions=dirs, model=lm.name, d_model=lm.d_model, n_layers=lm.n_layers,
+                                method="mean_diff", dataset=contrast.name, recommended_layer=layer,
+                                recommended_strength=vec.recommended_strength, normalized=True,
+                                description=f"{trait.name}: prompt direction (last token of the system-prompted "
+                                            "prompt, high minus low)",
+                                extra={"trait": vec.extra["trait"], "position": "last (system-prompted)"})
+    cos = float(torch.nn.functional.cosine_similarity(dirs[layer], unit, dim=0))
+    vec.extra["cosine_with_prompt_direction"] = round(cos, 4)
+    prompt_vec.extra["cosine_with_response_direction"] = round(cos, 4)
+    return vec, prompt_vec
+
+
+def trait_scores(lm: LoadedModel, vec: SteeringVector, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """Calibrated trait score of each (prompt, response): 0 ~ trait-low answers, 1 ~ trait-high answers."""
+    cal = vec.extra.get("trait_score")
+    check(cal is not None, "this vector has no trait-score calibration (make it with personas.trait_direction)")
+    keep = [i for i, r in enumerate(responses) if r.strip()]
+    out = [float("nan")] * len(responses)
+    if not keep:
+        return out
+    acts = collect(lm, [prompts[i] for i in keep], [responses[i] for i in keep], layers=[cal["layer"]],
+                   position="response_mean").acts[:, 0]
+    proj = acts @ vec[cal["layer"]].float()
+    span = cal["mu_high"] - cal["mu_low"]
+    check(abs(span) > 0, "degenerate trait calibration")
+    for i, v in zip(keep, ((proj - cal["mu_low"]) / span).tolist()):
+        out[i] = v
+    return out

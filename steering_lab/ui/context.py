@@ -1,0 +1,112 @@
+"""What the app shares: the model (read-only), the libraries, and per-session run ids.
+
+Steering state never lives here: each event builds its own interventions from its inputs and
+attaches them for the duration of its generation (``steer`` removes them on every exit). All
+events that touch the model run under one concurrency id, so one user's hooks never meet
+another user's forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..model import LoadedModel, cache_root
+from .library import ROOT, ControllerLibrary, ProbeLibrary, VectorLibrary
+
+MODEL_QUEUE = "model"  # concurrency id of every event that runs the model
+
+
+def gpu(fn):
+    """``spaces.GPU`` on Hugging Face ZeroGPU Spaces (where the package exists), a no-op elsewhere."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+@dataclass
+class AppContext:
+    lm: LoadedModel
+    vectors: VectorLibrary
+    probes: ProbeLibrary
+    controllers: ControllerLibrary
+    _runs: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def new_run(self, session: str) -> int:
+        """A new run id for ``session``; any older run of that session stops at its next token."""
+        with self._lock:
+            self._runs[session] = self._runs.get(session, 0) + 1
+            return self._runs[session]
+
+    def is_current(self, session: str, run: int) -> bool:
+        with self._lock:
+            return self._runs.get(session, 0) == run
+
+    def compatible_vectors(self) -> list[str]:
+        """Library vectors that fit the loaded model (width and layer range)."""
+        out = []
+        for name in self.vectors.names():
+            try:
+                v = self.vectors.get(name)
+                v.check_model(self.lm)
+            except Exception:  # noqa: BLE001 - a broken or foreign file is listed in the Library tab, not here
+                continue
+            out.append(name)
+        return out
+
+    def compatible(self, library) -> list[str]:
+        out = []
+        for name in library.names():
+            try:
+                library.get(name).check_model(self.lm)
+            except Exception:  # noqa: BLE001
+                continue
+            out.append(name)
+        return out
+
+
+def make_context(lm: LoadedModel, user_dir: str | os.PathLike | None = None,
+                 shipped_root: str | os.PathLike | None = None) -> AppContext:
+    """Libraries: shipped ``vectors/``, ``probes/``, ``controllers/`` next to the package (read-only)
+    and the user's under ``$STEERING_LAB_LIBRARY`` (default: the cache dir's ``library``)."""
+    base = Path(user_dir or os.environ.get("STEERING_LAB_LIBRARY") or cache_root() / "library").expanduser()
+    root = Path(shipped_root) if shipped_root is not None else ROOT
+    return AppContext(lm=lm, vectors=VectorLibrary(root / "vectors", base / "vectors"),
+                      probes=ProbeLibrary(root / "probes", base / "probes"),
+                      controllers=ControllerLibrary(root / "controllers", base / "controllers"))
+
+
+def user_errors(fn):
+    """Turn UserError into gr.Error (shown to the user), keep other exceptions as they are."""
+    import gradio as gr
+
+    from ..errors import UserError
+
+    if _is_generator(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
+        return gen
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+    return wrapper
+
+
+def _is_generator(fn) -> bool:
+    import inspect
+
+    return inspect.isgeneratorfunction(fn)

@@ -1,0 +1,231 @@
+"""Steer tab: prompt, vectors with a strength slider each, operator, layer; baseline and steered
+answers stream side by side with live numbers, a per-token strip and a monitor chart.
+
+Releasing a slider regenerates the steered side at once: a non-queued event gives the session a
+new run id (the stream in flight sees it at its next token and stops, removing its hooks), then
+the stream runs with ``trigger_mode="always_last"`` so a release during a stream is never dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import gradio as gr
+
+from ..errors import check
+from ..intervene import OPERATORS, Steer
+from ..live import live_stream
+from ..monitor import DirectionMonitor, probe_monitor
+from .charts import monitor_figure
+from .context import MODEL_QUEUE, AppContext, gpu, user_errors
+from .render import metrics_markdown, token_strip
+
+MAX_VECTORS = 3
+CHART_EVERY = 8  # redraw the chart every N tokens (plotly JSON is the heaviest output)
+
+
+def slider_spec(recommended: float | None, operator: str) -> dict:
+    """Range, step and starting value of a strength slider for ``operator``."""
+    if operator == "ablate":
+        return dict(minimum=0.0, maximum=1.0, step=0.05, value=1.0)
+    if operator == "rotate":
+        return dict(minimum=-90.0, maximum=90.0, step=1.0, value=30.0)
+    r = abs(float(recommended)) if recommended else 10.0
+    span = round(max(3 * r, 10.0), 0)
+    value = 0.0 if operator == "clamp" else round(r, 1)
+    return dict(minimum=-span, maximum=span, step=0.5, value=value)
+
+
+def build_steering(ctx: AppContext, names: Sequence[str], strengths: Sequence[float], operator: str,
+                   layer_choice: str, compose_mode: str) -> tuple[list[Steer], list]:
+    """Interventions and monitors for the selected vectors (pure: no hooks attached here)."""
+    from ..compose import compose
+
+    check(operator in OPERATORS, f"unknown operator {operator!r}")
+    names = [n for n in (names or []) if n][:MAX_VECTORS]
+    steers, monitors = [], []
+    items = []
+    for name, s in zip(names, strengths):
+        vec = ctx.vectors.get(name)
+        vec.check_model(ctx.lm)
+        layers = vec.default_layers() if layer_choice in (None, "", "recommended") else [int(layer_choice)]
+        vec.check_model(ctx.lm, layers)
+        items.append((name, vec, float(s), layers))
+        cal = vec.extra.get("trait_score")
+        if cal:
+            monitors.append(DirectionMonitor(name=f"trait:{name}", layer=int(cal["layer"]),
+                                             direction=vec[cal["layer"]]))
+    if items:
+        name, vec, _, layers = items[0]
+        monitors.insert(0, DirectionMonitor(name=f"projection on {name} (layer {layers[0]})", layer=layers[0],
+                                            direction=vec[layers[0]]))
+    if compose_mode == "sum" and len(items) > 1:
+        check(operator == "add", "summing vectors works with the add operator")
+        steers = compose([(v, s) for _, v, s, _ in items], mode="sum", layer=items[0][3][0])
+    else:
+        steers = [Steer(v, s, layers=k, operator=operator) for _, v, s, k in items]
+    return steers, monitors
+
+
+def _trait_score(ctx: AppContext, name: str, values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    cal = ctx.vectors.get(name).extra["trait_score"]
+    mean = sum(values) / len(values)
+    return (mean - cal["mu_low"]) / (cal["mu_high"] - cal["mu_low"])
+
+
+def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str, names: Sequence[str],
+               strengths: Sequence[float], operator: str, layer_choice: str, compose_mode: str, max_tokens: int,
+               controller: str, probe_names: Sequence[str], cached: dict | None) -> Iterator[tuple]:
+    """Yield (baseline, steered, metrics, strip, chart, baseline_record) until done or superseded."""
+    check((prompt or "").strip() != "", "type a prompt first")
+    max_tokens = int(max_tokens)
+    system = system.strip() or None if system else None
+    controller_note = ""
+    if controller and controller != "none":
+        ctl = ctx.controllers.get(controller)
+        ctl.check_model(ctx.lm)
+        scale, weights = ctl.decide(ctx.lm, [prompt])
+        steers = ctl.steering(scale, weights)
+        monitors = [DirectionMonitor(name=f"projection (layer {ctl.steer_layers[0]})", layer=ctl.steer_layers[0],
+                                     direction=ctl.vector[ctl.steer_layers[0]])]
+        applied = float(scale[0]) >= ctl.threshold
+        controller_note = f"controller `{controller}`: scale {float(scale[0]):.2f} ({'applied' if applied else 'off'})"
+    else:
+        steers, monitors = build_steering(ctx, names, strengths, operator, layer_choice, compose_mode)
+    for name in probe_names or []:
+        probe = ctx.probes.get(name)
+        probe.check_model(ctx.lm)
+        monitors.append(probe_monitor(probe, name=f"probe:{name}"))
+    key = [prompt, system, max_tokens]
+    reuse = cached is not None and cached.get("key") == key and all(
+        m.name in cached.get("monitors", {}) for m in monitors)
+    start = time.perf_counter()
+    last = None
+    for last in live_stream(ctx.lm, prompt, steers, with_baseline=not reuse, monitors=monitors,
+                            max_new_tokens=max_tokens, system=system):
+        if not ctx.is_current(session, run):
+            return  # a newer slider value or Stop: leave the stream (hooks come off with it)
+        baseline = cached["text"] if reuse else last.baseline
+        base_mons = cached["monitors"] if reuse else last.baseline_monitors
+        n = len(last.steered_tokens)
+        elapsed = time.perf_counter() - start
+        probes = {}
+        for m in monitors:
+            if m.name.startswith("probe:"):
+                s_vals, b_vals = last.monitors[m.name], base_mons.get(m.name, [])
+                probes[f"{m.name} (mean per token)"] = (sum(s_vals) / len(s_vals) if s_vals else None,
+                                                        sum(b_vals) / len(b_vals) if b_vals else None)
+            elif m.name.startswith("trait:"):
+                trait = m.name[len("trait:"):]
+                probes[f"{trait} trait score"] = (_trait_score(ctx, trait, last.shadow_monitors[m.name]),
+                                                 _trait_score(ctx, trait, base_mons.get(m.name, [])))
+        table = metrics_markdown(kl=last.mean_kl, perplexity=last.perplexity, refusal=last.refusal, n_tokens=n,
+                                 tok_per_s=n / elapsed if elapsed > 0 else None, probes=probes, done=last.done)
+        if controller_note:
+            table = controller_note + "\n\n" + table
+        strip_values = last.monitors[monitors[0].name] if monitors else [0.0] * n
+        strip = token_strip(last.steered_tokens, strip_values, monitors[0].name if monitors else "")
+        chart = gr.skip()
+        if last.done or n % CHART_EVERY == 1:
+            series = {f"steered · {k}": v for k, v in last.monitors.items() if not k.startswith("trait:")}
+            chart = monitor_figure(series)
+        record = {"key": key, "text": baseline, "monitors": base_mons} if last.done else gr.skip()
+        yield baseline, last.steered, table, strip, chart, record
+    if last is None:
+        return
+
+
+def build(ctx: AppContext) -> dict:
+    """Create the tab's components in the current Blocks context; returns those other tabs update."""
+    names = ctx.compatible_vectors()
+    default = [n for n in ("sentiment",) if n in names] or names[:1]
+    probe_names = ctx.compatible(ctx.probes)
+    controllers = ["none"] + ctx.compatible(ctx.controllers)
+    session_run = gr.State(0)
+    baseline_record = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", value="Tell me about your weekend.", lines=2, elem_id="prompt")
+        with gr.Column(scale=2):
+            vectors = gr.Dropdown(names, value=default, multiselect=True, max_choices=MAX_VECTORS,
+                                  label="Steering vectors (up to 3)", elem_id="vectors")
+    sliders = []
+    with gr.Row():
+        for i in range(MAX_VECTORS):
+            rec = ctx.vectors.get(default[i]).recommended_strength if i < len(default) else None
+            spec = slider_spec(rec, "add")
+            sliders.append(gr.Slider(label=f"strength: {default[i]}" if i < len(default) else f"strength {i + 1}",
+                                     visible=i < len(default), elem_id=f"strength-{i}", **spec))
+    with gr.Row():
+        operator = gr.Radio(list(OPERATORS), value="add", label="Operator", elem_id="operator")
+        layer = gr.Dropdown(["recommended"] + [str(k) for k in range(ctx.lm.n_layers)], value="recommended",
+                            label="Layer")
+        compose_mode = gr.Radio(["separate", "sum"], value="separate", label="Several vectors",
+                                info="each at its own layer, or summed at the first one's layer")
+        max_tokens = gr.Slider(8, 256, value=64, step=8, label="Max new tokens", elem_id="max-tokens")
+    with gr.Accordion("Options: system prompt, live probes, controller", open=False):
+        system = gr.Textbox(label="System prompt (empty = the model's default)", lines=1)
+        probes = gr.CheckboxGroup(probe_names, value=[p for p in ("harmful",) if p in probe_names],
+                                  label="Probes to monitor live")
+        controller = gr.Dropdown(controllers, value="none", label="Controller (decides per prompt how hard to "
+                                                                   "steer with its own vector; overrides the sliders)")
+    with gr.Row():
+        go_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+        stop_btn = gr.Button("Stop", variant="stop")
+    with gr.Row():
+        baseline = gr.Textbox(label="Baseline (unsteered)", lines=10, interactive=False, elem_id="baseline")
+        steered = gr.Textbox(label="Steered", lines=10, interactive=False, elem_id="steered")
+    metrics = gr.Markdown(elem_id="metrics")
+    strip = gr.HTML(label="Steered tokens coloured by projection", elem_id="strip")
+    chart = gr.Plot(label="Per-token monitors")
+
+    def on_vectors(selected, op):
+        selected = (selected or [])[:MAX_VECTORS]
+        updates = []
+        for i in range(MAX_VECTORS):
+            if i < len(selected):
+                rec = ctx.vectors.get(selected[i]).recommended_strength
+                updates.append(gr.update(visible=True, label=f"strength: {selected[i]}", **slider_spec(rec, op)))
+            else:
+                updates.append(gr.update(visible=False))
+        return updates
+
+    vectors.change(on_vectors, [vectors, operator], sliders, queue=False, api_visibility="private")
+    operator.change(on_vectors, [vectors, operator], sliders, queue=False, api_visibility="private")
+
+    def start_run(request: gr.Request) -> int:
+        return ctx.new_run(request.session_hash)
+
+    @gpu
+    @user_errors
+    def full_stream(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record,
+                    request: gr.Request):
+        yield from run_stream(ctx, request.session_hash, run, p, sys_prompt, names_, [s0, s1, s2], op, lay, mode, n,
+                              ctl, probe_sel, None)
+
+    @gpu
+    @user_errors
+    def steered_stream(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record,
+                       request: gr.Request):
+        """After a slider release: the baseline of the same prompt is reused, only the steered side streams."""
+        yield from run_stream(ctx, request.session_hash, run, p, sys_prompt, names_, [s0, s1, s2], op, lay, mode, n,
+                              ctl, probe_sel, record)
+
+    inputs = [session_run, prompt, system, vectors, *sliders, operator, layer, compose_mode, max_tokens, controller,
+              probes, baseline_record]
+    outputs = [baseline, steered, metrics, strip, chart, baseline_record]
+    stream_opts = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1, show_progress="hidden",
+                       api_visibility="private")
+    deps = []
+    for trigger in (go_btn.click, prompt.submit):
+        deps.append(trigger(start_run, None, session_run, queue=False, api_visibility="private").then(
+            full_stream, inputs, outputs, trigger_mode="always_last", **stream_opts))
+    for sl in sliders:
+        deps.append(sl.release(start_run, None, session_run, queue=False, trigger_mode="multiple",
+                               api_visibility="private").then(
+            steered_stream, inputs, outputs, trigger_mode="always_last", **stream_opts))
+    stop_btn.click(start_run, None, session_run, queue=False, cancels=deps, api_visibility="private")
+    return {"vectors": vectors, "probes": probes, "controller": controller}

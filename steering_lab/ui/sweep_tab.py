@@ -1,0 +1,87 @@
+"""Sweep tab: one vector, a list of strengths, a prompt set -> behaviour vs coherence cost, per
+strength, with samples and a random-direction control. All strengths run as one batch."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from ..datasets import PROMPT_SETS, load_prompts
+from ..errors import UserError, check
+from ..intervene import OPERATORS
+from ..sweep import run_sweep, write_report
+from .charts import sweep_figure
+from .context import MODEL_QUEUE, AppContext, gpu, user_errors
+
+
+def parse_strengths(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in (text or "").replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UserError(f"strengths must be comma-separated numbers, got {text!r}") from None
+    check(bool(values), "give at least one strength")
+    check(len(set(values)) == len(values), "strengths must not repeat")
+    check(len(values) <= 16, "at most 16 strengths")
+    return values
+
+
+def results_table(report: dict) -> list[list]:
+    rows = [["vector", r["strength"], r["refusal_rate"], r["compliance"], round(r["kl"], 4),
+             round(r["perplexity"], 3), round(r["distinct2"], 3)] for r in report["results"]]
+    rows += [["random (mean)", r["strength"], r["refusal_rate"], r["compliance"], round(r["kl"], 4),
+              round(r["perplexity"], 3), round(r["distinct2"], 3)] for r in report.get("random_baseline_mean", [])]
+    return rows
+
+
+def build(ctx: AppContext, steer: dict) -> dict:
+    names = ctx.compatible_vectors()
+    with gr.Row():
+        vector = gr.Dropdown(names, value=("refusal_style" if "refusal_style" in names else (names or [None])[0]),
+                             label="Vector")
+        strengths = gr.Textbox(label="Strengths (comma-separated)", value="0, 15, 25, 35, 45")
+        operator = gr.Radio(list(OPERATORS), value="add", label="Operator")
+        layer = gr.Dropdown(["recommended"] + [str(k) for k in range(ctx.lm.n_layers)], value="recommended",
+                            label="Layer")
+    with gr.Row():
+        prompt_set = gr.Dropdown(sorted(PROMPT_SETS) + ["custom"], value="harmless-test", label="Prompts")
+        custom = gr.Textbox(label="Custom prompts (one per line, when 'custom')", lines=3)
+        limit = gr.Slider(1, 105, value=12, step=1, label="Number of prompts")
+        random_k = gr.Slider(0, 3, value=1, step=1, label="Random-direction controls (K)")
+        max_tokens = gr.Slider(8, 128, value=32, step=8, label="Max new tokens")
+    run = gr.Button("Run sweep", variant="primary")
+    chart = gr.Plot(label="Behaviour vs coherence cost")
+    table = gr.Dataframe(headers=["direction", "strength", "refusal rate", "compliance", "KL", "perplexity",
+                                  "distinct-2"], label="Results", interactive=False)
+    samples = gr.JSON(label="Samples (per strength, in prompt order)")
+    files = gr.File(label="Report (json + html chart)", file_count="multiple")
+
+    @gpu
+    @user_errors
+    def on_run(name, strengths_text, op, lay, pset, custom_text, n, k, tokens, progress=gr.Progress(track_tqdm=True)):
+        check(bool(name), "choose a vector")
+        values = parse_strengths(strengths_text)
+        if pset == "custom":
+            prompts = [line.strip() for line in (custom_text or "").splitlines() if line.strip()]
+            check(bool(prompts), "type at least one custom prompt")
+        else:
+            prompts = load_prompts(pset)
+        prompts = prompts[: int(n)]
+        vec = ctx.vectors.get(name)
+        layers = None if lay in (None, "", "recommended") else [int(lay)]
+        progress(0, desc="generating all strengths as one batch")
+        report = run_sweep(ctx.lm, vec, values, prompts, layers=layers, operator=op, random_baseline=int(k),
+                           max_new_tokens=int(tokens), progress=True,
+                           source={"prompt_source": pset, "vector_name": name})
+        out = Path(tempfile.mkdtemp(prefix="sweep-")) / f"sweep_{name}.json"
+        path, html = write_report(report, out)
+        sample_view = {f"{r['strength']:g}": r["samples"] for r in report["results"]}
+        return sweep_figure(report), results_table(report), json.loads(json.dumps(sample_view)), [str(path),
+                                                                                                   str(html)]
+
+    run.click(on_run, [vector, strengths, operator, layer, prompt_set, custom, limit, random_k, max_tokens],
+              [chart, table, samples, files], concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+              api_visibility="private")
+    return {"vector": vector}
