@@ -108,9 +108,10 @@ def trait_contrast(lm: LoadedModel, trait: Trait, questions: Sequence[str] | Non
     check(len(questions) >= 4, "a trait needs at least 4 questions")
     openings = trait_openings(trait)
     answers: dict[str, list[str]] = {}
+    used: dict[str, list[str]] = {}
     for pole in tqdm(("high", "low"), desc=f"{trait.name} answers", disable=not progress, leave=False):
         system = trait.system(pole)
-        starts = [openings[pole][i % len(openings[pole])] for i in range(len(questions))]
+        starts = used[pole] = [openings[pole][i % len(openings[pole])] for i in range(len(questions))]
         ids = [lm.encode_prompt(q, system=system) + lm.encode(o, special=False) for q, o in zip(questions, starts)]
         out: list[str] = []
         for i in range(0, len(questions), batch_size):
@@ -121,7 +122,23 @@ def trait_contrast(lm: LoadedModel, trait: Trait, questions: Sequence[str] | Non
     return ContrastSet(name=f"trait:{trait.name}", prompts=questions, positive=answers["high"],
                        negative=answers["low"],
                        description=f"{trait.name}: answers in character, high vs low (+ = {trait.name})",
-                       labels=(f"high {trait.name}", f"low {trait.name}"))
+                       labels=(f"high {trait.name}", f"low {trait.name}"), meta={"openings": used})
+
+
+def continuations(contrast: ContrastSet) -> ContrastSet:
+    """The same answers without their written openings: only what the model wrote itself (for
+    probes that should read the model's text, not our openings)."""
+    used = contrast.meta.get("openings")
+    check(used is not None, "this contrast set has no recorded openings")
+
+    def strip(texts: list[str], starts: list[str]) -> list[str]:
+        return [t[len(o):].strip() if t.startswith(o) else t for t, o in zip(texts, starts)]
+
+    pos, neg = strip(contrast.positive, used["high"]), strip(contrast.negative, used["low"])
+    keep = [i for i in range(len(pos)) if pos[i] and neg[i]]
+    return ContrastSet(name=contrast.name + " (continuations)", positive=[pos[i] for i in keep],
+                       negative=[neg[i] for i in keep], labels=contrast.labels,
+                       description=contrast.description + "; the model's own continuations only")
 
 
 def trait_direction(lm: LoadedModel, trait: Trait, *, contrast: ContrastSet | None = None,
@@ -134,11 +151,8 @@ def trait_direction(lm: LoadedModel, trait: Trait, *, contrast: ContrastSet | No
                                     "answers in character (mean over response tokens)")
     vec.extra["trait"] = {"name": trait.name, "high": trait.high, "low": trait.low}
     layer = vec.recommended_layer
-    pos = collect(lm, contrast.prompts, contrast.positive, layers=[layer], position="response_mean").acts[:, 0]
-    neg = collect(lm, contrast.prompts, contrast.negative, layers=[layer], position="response_mean").acts[:, 0]
+    calibrate_trait(lm, vec, contrast)
     unit = vec[layer]
-    vec.extra["trait_score"] = {"layer": layer, "mu_high": float((pos @ unit).mean()),
-                                "mu_low": float((neg @ unit).mean())}
     # the prompt direction: last token of the system-prompted prompts
     kw = dict(position="last", progress=progress)
     ph = collect(lm, contrast.prompts, system=trait.system("high"), **kw)
@@ -157,6 +171,52 @@ def trait_direction(lm: LoadedModel, trait: Trait, *, contrast: ContrastSet | No
     vec.extra["cosine_with_prompt_direction"] = round(cos, 4)
     prompt_vec.extra["cosine_with_response_direction"] = round(cos, 4)
     return vec, prompt_vec
+
+
+def calibrate_trait(lm: LoadedModel, vec: SteeringVector, contrast: ContrastSet) -> None:
+    """Set ``vec.extra["trait_score"]``: mean projections of the high and low answers at the
+    recommended layer (the 1 and the 0 of the trait score)."""
+    layer = vec.recommended_layer
+    pos = collect(lm, contrast.prompts, contrast.positive, layers=[layer], position="response_mean").acts[:, 0]
+    neg = collect(lm, contrast.prompts, contrast.negative, layers=[layer], position="response_mean").acts[:, 0]
+    unit = vec[layer].float()
+    vec.extra["trait_score"] = {"layer": layer, "mu_high": float((pos @ unit).mean()),
+                                "mu_low": float((neg @ unit).mean())}
+
+
+def decorrelate(lm: LoadedModel, vectors: dict[str, SteeringVector],
+                contrasts: dict[str, ContrastSet]) -> dict[str, SteeringVector]:
+    """Symmetric (Löwdin) orthogonalisation of several trait directions, layer by layer.
+
+    Trait directions of one model share components (here the Big Five share a "pleasant,
+    engaged" axis: cosines 0.15-0.45), so steering one also moves the others. ``D (D D^T)^-1/2``
+    gives the orthonormal set closest to the originals; each trait's score is recalibrated on its
+    new direction."""
+    names = list(vectors)
+    check(len(names) >= 2, "decorrelation needs at least two vectors")
+    layers = sorted(set.intersection(*(set(v.layers) for v in vectors.values())))
+    new_dirs: dict[str, dict[int, torch.Tensor]] = {n: {} for n in names}
+    for k in layers:
+        d = torch.stack([vectors[n][k].double() / vectors[n][k].double().norm() for n in names])
+        evals, evecs = torch.linalg.eigh(d @ d.T)
+        check(bool((evals > 1e-8).all()), f"trait directions at layer {k} are linearly dependent")
+        ortho = (evecs @ torch.diag(evals.rsqrt()) @ evecs.T) @ d
+        for i, n in enumerate(names):
+            new_dirs[n][k] = (ortho[i] / ortho[i].norm()).float()
+    out = {}
+    for n in names:
+        old = vectors[n]
+        vec = SteeringVector(directions=new_dirs[n], model=old.model, d_model=old.d_model, n_layers=old.n_layers,
+                             method=old.method + " (decorrelated)", dataset=old.dataset,
+                             recommended_layer=old.recommended_layer, recommended_strength=old.recommended_strength,
+                             normalized=True, description=old.description + "; decorrelated from "
+                             + ", ".join(m for m in names if m != n) + " (symmetric orthogonalisation)",
+                             extra=dict(old.extra))
+        k = old.recommended_layer
+        vec.extra["cosine_with_raw_direction"] = round(float(vec[k] @ old[k].float()), 4)
+        calibrate_trait(lm, vec, contrasts[n])
+        out[n] = vec
+    return out
 
 
 def trait_scores(lm: LoadedModel, vec: SteeringVector, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:

@@ -19,7 +19,15 @@ def free_port() -> int:
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (see .ci/run)")
 def test_slider_drag_changes_the_steered_answer(smol, tmp_path):
-    from bench.browser import browser_page, drag_slider, generate, steered_text, wait_done, wait_first_new_token
+    from bench.browser import (
+        browser_page,
+        current_run,
+        drag_slider,
+        generate,
+        steered_text,
+        wait_done,
+        wait_first_new_token,
+    )
     from steering_lab.intervene import hook_count
     from steering_lab.ui.app import CSS, build_demo
     from steering_lab.ui.context import make_context
@@ -33,8 +41,9 @@ def test_slider_drag_changes_the_steered_answer(smol, tmp_path):
             baseline = page.input_value("#baseline textarea")
             first = steered_text(page)
             assert baseline and first
+            run = current_run(page)
             drag_slider(page, "strength-0", 0.0)  # all the way to the negative end
-            wait_first_new_token(page, first)
+            wait_first_new_token(page, run)
             wait_done(page)
             second = steered_text(page)
             assert second != first

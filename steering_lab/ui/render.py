@@ -33,11 +33,13 @@ def token_strip(tokens: Sequence[str], values: Sequence[float], label: str = "pr
 
 
 def metrics_markdown(*, kl: float, perplexity: float, refusal: bool, n_tokens: int, tok_per_s: float | None,
-                     probes: dict[str, tuple[float | None, float | None]] | None = None, done: bool = False) -> str:
+                     probes: dict[str, tuple[float | None, float | None]] | None = None, done: bool = False,
+                     run: int | None = None) -> str:
     """The live numbers under the steered answer."""
     status = "done" if done else "streaming…"
     speed = f" · {tok_per_s:.1f} tok/s" if tok_per_s else ""
-    lines = [f"**{status}** {n_tokens} tokens{speed}",
+    tag = f" · run {run}" if run is not None else ""
+    lines = [f"**{status}** {n_tokens} tokens{speed}{tag}",
              "",
              "| metric | steered | note |",
              "|---|---|---|",

@@ -22,7 +22,7 @@ from .context import MODEL_QUEUE, AppContext, gpu, user_errors
 from .render import metrics_markdown, token_strip
 
 MAX_VECTORS = 3
-CHART_EVERY = 8  # redraw the chart every N tokens (plotly JSON is the heaviest output)
+UPDATE_EVERY_S = 0.1  # coalesce tokens into at most ~10 screen updates a second (the first token goes at once)
 
 
 def slider_spec(recommended: float | None, operator: str) -> dict:
@@ -103,11 +103,16 @@ def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str
     reuse = cached is not None and cached.get("key") == key and all(
         m.name in cached.get("monitors", {}) for m in monitors)
     start = time.perf_counter()
+    shown = None  # when the screen was last updated
     last = None
     for last in live_stream(ctx.lm, prompt, steers, with_baseline=not reuse, monitors=monitors,
                             max_new_tokens=max_tokens, system=system):
         if not ctx.is_current(session, run):
             return  # a newer slider value or Stop: leave the stream (hooks come off with it)
+        now = time.perf_counter()
+        if shown is not None and not last.done and now - shown < UPDATE_EVERY_S:
+            continue
+        shown = now
         baseline = cached["text"] if reuse else last.baseline
         base_mons = cached["monitors"] if reuse else last.baseline_monitors
         n = len(last.steered_tokens)
@@ -123,13 +128,14 @@ def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str
                 probes[f"{trait} trait score"] = (_trait_score(ctx, trait, last.shadow_monitors[m.name]),
                                                  _trait_score(ctx, trait, base_mons.get(m.name, [])))
         table = metrics_markdown(kl=last.mean_kl, perplexity=last.perplexity, refusal=last.refusal, n_tokens=n,
-                                 tok_per_s=n / elapsed if elapsed > 0 else None, probes=probes, done=last.done)
+                                 tok_per_s=n / elapsed if elapsed > 0 else None, probes=probes, done=last.done,
+                                 run=run)
         if controller_note:
             table = controller_note + "\n\n" + table
         strip_values = last.monitors[monitors[0].name] if monitors else [0.0] * n
         strip = token_strip(last.steered_tokens, strip_values, monitors[0].name if monitors else "")
         chart = gr.skip()
-        if last.done or n % CHART_EVERY == 1:
+        if last.done:  # plotly JSON is the heaviest output: draw once, at the end
             series = {f"steered · {k}": v for k, v in last.monitors.items() if not k.startswith("trait:")}
             chart = monitor_figure(series)
         record = {"key": key, "text": baseline, "monitors": base_mons} if last.done else gr.skip()

@@ -1,0 +1,184 @@
+"""Regenerate the ready library for the embedded model: vectors/, probes/ and controllers/.
+
+    python scripts/build_library.py            # everything (~15 min on 2 CPU cores)
+    python scripts/build_library.py --only sentiment,formality
+
+Each vector's json gets ``effect``: one line measured here, at its recommended strength, on
+prompts that extraction did not use. Writes vectors/README.md with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from steering_lab.datasets import instruction_split, load_preset, neutral_prompts  # noqa: E402
+from steering_lab.extract import extract  # noqa: E402
+from steering_lab.generate import generate  # noqa: E402
+from steering_lab.intervene import Steer  # noqa: E402
+from steering_lab.metrics import informality, mean_distinct_n, refusal_rate  # noqa: E402
+from steering_lab.model import load_model  # noqa: E402
+from steering_lab.personas import BIG_FIVE, TEST_QUESTIONS, persona_questions, trait_direction, trait_scores  # noqa: E402
+from steering_lab.probes import instruction_splits, train_probe  # noqa: E402
+from steering_lab.refusal import style_direction  # noqa: E402
+
+VECTORS, PROBES, CONTROLLERS = ROOT / "vectors", ROOT / "probes", ROOT / "controllers"
+TOKENS = 40
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def three_way(lm, vec, prompts):
+    """Greedy answers at strength 0, +s and -s (one batch)."""
+    s = vec.recommended_strength
+    n = len(prompts)
+    texts = generate(lm, prompts * 3, Steer(vec, [0.0] * n + [s] * n + [-s] * n), max_new_tokens=TOKENS)
+    return texts[:n], texts[n:2 * n], texts[2 * n:]
+
+
+def sentiment_effect(lm, vec) -> str:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    va = SentimentIntensityAnalyzer()
+    prompts = neutral_prompts()[:12]
+    base, up, down = three_way(lm, vec, prompts)
+    m = [statistics.mean(va.polarity_scores(t)["compound"] for t in x) for x in (base, up, down)]
+    return (f"on 12 neutral prompts, VADER compound {m[0]:+.2f} unsteered, {m[1]:+.2f} at +{vec.recommended_strength}, "
+            f"{m[2]:+.2f} at -{vec.recommended_strength} (layer {vec.recommended_layer}); distinct-2 "
+            f"{mean_distinct_n(base):.2f} / {mean_distinct_n(up):.2f} / {mean_distinct_n(down):.2f}")
+
+
+def formality_effect(lm, vec) -> str:
+    prompts = neutral_prompts()[:12]
+    base, up, down = three_way(lm, vec, prompts)
+    m = [statistics.mean(informality(t) for t in x) for x in (base, up, down)]
+    return (f"on 12 neutral prompts, casual markers per 100 words {m[0]:.1f} unsteered, {m[1]:.1f} at "
+            f"+{vec.recommended_strength} (formal), {m[2]:.1f} at -{vec.recommended_strength} (casual), layer "
+            f"{vec.recommended_layer}; distinct-2 {mean_distinct_n(up):.2f} / {mean_distinct_n(down):.2f}")
+
+
+def refusal_effect(lm, vec, what: str) -> str:
+    _, harmless = instruction_split("test")
+    base, up, _ = three_way(lm, vec, harmless)
+    before = refusal_rate(base, opening=True)
+    after = refusal_rate(up, opening=True)
+    return (f"on 25 held-out harmless prompts, answers opening with a refusal phrase: {before:.0%} unsteered, "
+            f"{after:.0%} at +{vec.recommended_strength} (layer {vec.recommended_layer}){what}; "
+            f"distinct-2 {mean_distinct_n(up):.2f}")
+
+
+def trait_effect(lm, vec) -> str:
+    qs = persona_questions()[TEST_QUESTIONS]
+    base, up, down = three_way(lm, vec, qs)
+    m = [statistics.mean(trait_scores(lm, vec, qs, x)) for x in (base, up, down)]
+    name = vec.extra["trait"]["name"]
+    return (f"on 10 held-out questions, {name} score (0 = low pole, 1 = high pole) {m[0]:.2f} unsteered, "
+            f"{m[1]:.2f} at +{vec.recommended_strength}, {m[2]:.2f} at -{vec.recommended_strength} "
+            f"(layer {vec.recommended_layer})")
+
+
+def save_vector(vec, name: str, effect: str) -> None:
+    vec.extra["effect"] = effect
+    vec.extra["library"] = f"built by scripts/build_library.py on {datetime.date.today()}"
+    vec.save(VECTORS / name)
+    log(f"{name}: {effect}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None, help="comma-separated subset of: sentiment, formality, harmful, "
+                                                 "refusal_style, traits, probes, controller")
+    args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+
+    def want(key: str) -> bool:
+        return only is None or key in only
+
+    lm = load_model()
+    t0 = time.time()
+    trait_contrasts = {}
+    if want("sentiment"):
+        vec, _ = extract(lm, load_preset("sentiment"), "mean_diff")
+        save_vector(vec, "sentiment", sentiment_effect(lm, vec))
+    if want("formality"):
+        vec, _ = extract(lm, load_preset("formality"), "mean_diff")
+        save_vector(vec, "formality", formality_effect(lm, vec))
+    if want("harmful"):
+        vec, _ = extract(lm, load_preset("harmful"), "mean_diff")
+        vec.description = "harmful vs harmless instructions (+ = harmful), last prompt token"
+        save_vector(vec, "harmful", refusal_effect(lm, vec, " — it reads harmfulness; the embedded model "
+                                                            "rarely turns that into refusals"))
+    if want("refusal_style"):
+        vec = style_direction(lm)
+        save_vector(vec, "refusal_style", refusal_effect(lm, vec, ""))
+    if want("traits"):
+        from steering_lab.personas import decorrelate, trait_contrast
+
+        raw = {}
+        for name, trait in BIG_FIVE.items():
+            contrast = trait_contrast(lm, trait)
+            trait_contrasts[name] = contrast
+            raw[name], _ = trait_direction(lm, trait, contrast=contrast)
+        for name, vec in decorrelate(lm, raw, trait_contrasts).items():
+            save_vector(vec, name, trait_effect(lm, vec))
+    if want("probes"):
+        probe, _ = train_probe(lm, load_preset("harmful"), pooling="last", splits=instruction_splits())
+        probe.description = "harmful instruction (1) vs harmless (0), last prompt token"
+        probe.save(PROBES / "harmful")
+        log(f"probe harmful: layer {probe.layer}, test AUROC {probe.metrics['test_auroc']:.3f}")
+        from steering_lab.personas import continuations, trait_contrast
+
+        for name, trait in BIG_FIVE.items():
+            contrast = trait_contrasts.get(name) or trait_contrast(lm, trait)
+            texts = continuations(contrast)  # what the model wrote in character, not our openings
+            texts.description = f"{name}: high (1) vs low (0) answer text, mean over its tokens"
+            probe, _ = train_probe(lm, texts, pooling="mean", chat=False, holdout=0.3)
+            probe.save(PROBES / name)
+            log(f"probe {name}: layer {probe.layer}, held-out AUROC {probe.metrics['test_auroc']:.3f}")
+    if want("controller"):
+        from steering_lab.controller import train_controller
+        from steering_lab.vector import SteeringVector
+
+        vec = SteeringVector.load(VECTORS / "refusal_style", lm)
+        rec = vec.recommended_layer
+        harmful, harmless = instruction_split("train")
+        ctl = train_controller(lm, vec, harmful, harmless, steer_layers=list(range(rec - 2, rec + 3)),
+                               input_layers=[6, 9, 12], base_strength=vec.recommended_strength, epochs=5)
+        h_test, l_test = instruction_split("test")
+        scale, _ = ctl.decide(lm, h_test + l_test)
+        ctl.metrics.update({"test_applied_harmful": float((scale[:25] >= 0.5).float().mean()),
+                            "test_applied_harmless": float((scale[25:] >= 0.5).float().mean())})
+        ctl.save(CONTROLLERS / "refusal_style")
+        log(f"controller: {ctl.metrics}")
+    write_readme()
+    log(f"done in {time.time() - t0:.0f} s")
+
+
+def write_readme() -> None:
+    import json
+
+    rows = []
+    for js in sorted(VECTORS.glob("*.json")):
+        meta = json.loads(js.read_text())
+        rows.append(f"| `{js.stem}` | {meta.get('recommended_layer')} | {meta.get('recommended_strength')} | "
+                    f"{meta.get('description', '')} | {meta.get('effect', '')} |")
+    text = ("# Ready vectors for the embedded SmolLM2-135M-Instruct\n\n"
+            "Regenerate with `python scripts/build_library.py`. Unit-norm directions at every layer; `+` is the "
+            "named pole, use a negative strength for the other one. Effects measured by the script, greedy, "
+            f"{TOKENS} new tokens, on prompts extraction did not use.\n\n"
+            "| vector | layer | strength | what | measured effect |\n|---|---:|---:|---|---|\n"
+            + "\n".join(rows) + "\n")
+    (VECTORS / "README.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
