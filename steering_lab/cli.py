@@ -29,6 +29,23 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
 
 
+def contrast_args(p: argparse.ArgumentParser) -> None:
+    """``(--preset NAME | --pos FILE [--neg FILE])``: where a contrast set comes from."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="bundled contrast set: sentiment, formality, harmful, ...")
+    src.add_argument("--pos", help="positive examples: text file (one per line), or a .jsonl/.csv with both classes")
+    p.add_argument("--neg", help="negative examples: text file (one per line)")
+
+
+def contrast_from_args(args: argparse.Namespace):
+    from .datasets import load_preset, load_user
+
+    if args.preset:
+        check(args.neg is None, "--neg goes with --pos, not with --preset")
+        return load_preset(args.preset)
+    return load_user(args.pos, args.neg)
+
+
 def _load(args: argparse.Namespace):
     from .model import load_model
 
@@ -58,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("extract", help="extract a steering vector from a contrast set")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="bundled contrast set: sentiment, formality, harmful, ...")
-    src.add_argument("--pos", help="positive examples: text file (one per line), or a .jsonl/.csv with both classes")
-    p.add_argument("--neg", help="negative examples: text file (one per line)")
+    contrast_args(p)
     p.add_argument("--method", default="mean_diff", help="mean_diff (default), pca, actadd, probe_weight")
     p.add_argument("--layers", default=None, help="layers to extract, e.g. 4-12 or 3,5,7 (default: all)")
     p.add_argument("--position", default=None,
@@ -101,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("extract")
 def _extract(args: argparse.Namespace) -> int:
-    from .datasets import load_preset, load_user
     from .extract import extract, get_method
     from .vector import base_path
 
@@ -109,11 +122,7 @@ def _extract(args: argparse.Namespace) -> int:
     check(args.batch_size >= 1, "--batch-size must be at least 1")
     out = base_path(args.out)
     check(out.name != "", "--out needs a file name")
-    if args.preset:
-        check(args.neg is None, "--neg goes with --pos, not with --preset")
-        contrast = load_preset(args.preset)
-    else:
-        contrast = load_user(args.pos, args.neg)
+    contrast = contrast_from_args(args)
     lm = _load(args)
     vec, scan = extract(lm, contrast, args.method, layers=args.layers, position=args.position,
                         batch_size=args.batch_size, progress=True, description=args.description)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli import _load, command
+from .cli import _load, command, contrast_args, contrast_from_args
 from .errors import check
 
 
@@ -13,10 +13,7 @@ def add_parsers(sub: argparse._SubParsersAction, model_arg) -> None:
     probe = sub.add_parser("probe", help="train or apply a linear probe")
     psub = probe.add_subparsers(dest="probe_command", required=True, parser_class=type(probe))
     p = psub.add_parser("train", help="train a logistic-regression probe with a layer sweep")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="bundled set: harmful (harmful vs harmless instructions), sentiment, ...")
-    src.add_argument("--pos", help="positive examples: text file, or .jsonl/.csv with both classes")
-    p.add_argument("--neg", help="negative examples: text file (one per line)")
+    contrast_args(p)
     p.add_argument("--pooling", default="last", help="last (default), mean or max over the prompt tokens")
     p.add_argument("--layer", type=int, default=None, help="train at this layer only (default: sweep all)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength")
@@ -40,15 +37,6 @@ def add_parsers(sub: argparse._SubParsersAction, model_arg) -> None:
     p.add_argument("--out", required=True, help="output path (PATH.safetensors + PATH.json)")
 
 
-def _contrast(args: argparse.Namespace):
-    from .datasets import load_preset, load_user
-
-    if args.preset:
-        check(args.neg is None, "--neg goes with --pos, not with --preset")
-        return load_preset(args.preset)
-    return load_user(args.pos, args.neg)
-
-
 @command("probe")
 def _probe(args: argparse.Namespace) -> int:
     from .datasets import load_prompts
@@ -59,7 +47,7 @@ def _probe(args: argparse.Namespace) -> int:
         check(args.pooling in POOLINGS, f"unknown pooling {args.pooling!r} (choose {', '.join(POOLINGS)})")
         out = base_path(args.out)
         check(out.name != "", "--out needs a file name")
-        contrast = _contrast(args)
+        contrast = contrast_from_args(args)
         lm = _load(args)
         splits = instruction_splits() if args.preset == "harmful" else None
         probe, rows = train_probe(lm, contrast, pooling=args.pooling, layer=args.layer, splits=splits, C=args.C,

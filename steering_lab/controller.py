@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -31,7 +29,7 @@ from .activations import collect, pad_left
 from .errors import UserError, check
 from .intervene import Steer, steer
 from .model import LoadedModel
-from .vector import SteeringVector, atomic_write_bytes, atomic_write_json, base_path
+from .vector import SteeringVector, _now, read_pair, write_pair
 
 # ---- the controller network ---------------------------------------------------------------------
 
@@ -69,7 +67,7 @@ class Controller:
     threshold: float = 0.5  # "steering applied" when scale >= threshold
     model: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
+    created: str = field(default_factory=_now)
 
     def check_model(self, lm: LoadedModel) -> None:
         self.vector.check_model(lm, self.steer_layers)
@@ -106,33 +104,15 @@ class Controller:
                 "created": self.created}
 
     def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save
-
-        base = base_path(path)
-        check(base.name not in ("", ".", ".."), f"invalid controller path {str(path)!r}")
-        tensors = {f"net.{k}": v.detach().cpu().float().contiguous() for k, v in self.net.state_dict().items()}
-        tensors.update({f"direction.{k}": self.vector[k].detach().cpu().float().contiguous()
-                        for k in self.steer_layers})
-        blob = save(tensors, metadata={"format": "steering_lab.controller"})
-        atomic_write_bytes(base.with_suffix(".safetensors"), blob)
-        atomic_write_json(base.with_suffix(".json"), self.metadata())
-        return base
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors.update({f"direction.{k}": self.vector[k] for k in self.steer_layers})
+        return write_pair(path, tensors, self.metadata(), "steering_lab.controller", "controller")
 
     @classmethod
     def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None) -> Controller:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        base = base_path(path)
+        base, raw, meta = read_pair(path, "controller")
         st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
-        check(st.is_file(), f"controller file not found: {st}")
-        check(js.is_file(), f"controller metadata not found: {js}")
-        try:
-            raw = load_file(str(st))
-            meta = json.loads(js.read_text())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"cannot read controller {base}: {exc}") from None
-        check(isinstance(meta, dict) and meta.get("kind") == "steering_controller", f"{js} is not a controller")
+        check(meta.get("kind") == "steering_controller", f"{js} is not a controller")
         d = int(meta["d_model"])
         net = ControllerNet(len(meta["input_layers"]), d, len(meta["steer_layers"]), int(meta["hidden"]))
         state = {k[4:]: v for k, v in raw.items() if k.startswith("net.")}

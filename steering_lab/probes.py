@@ -7,8 +7,6 @@ Score = sigmoid(w . (h - mean) / scale + b), in [0, 1], 1 = the positive class.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,10 +17,10 @@ import torch
 
 from .activations import POSITIONS, collect
 from .datasets import ContrastSet
-from .errors import UserError, check
+from .errors import check
 from .extract import auroc
 from .model import LoadedModel
-from .vector import atomic_write_bytes, atomic_write_json, base_path, check_finite
+from .vector import _now, check_finite, read_pair, write_pair
 
 POOLINGS = ("last", "mean", "max")
 _TENSORS = ("weight", "mean", "scale", "bias")
@@ -43,7 +41,7 @@ class Probe:
     dataset: str = ""
     description: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
+    created: str = field(default_factory=_now)
 
     def __post_init__(self) -> None:
         check(self.pooling in POOLINGS, f"unknown pooling {self.pooling!r} (choose {', '.join(POOLINGS)})")
@@ -83,36 +81,16 @@ class Probe:
                 "description": self.description, "metrics": self.metrics, "created": self.created}
 
     def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save
-
-        base = base_path(path)
-        check(base.name not in ("", ".", ".."), f"invalid probe path {str(path)!r}")
-        tensors = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous().reshape(-1)
-                   for name in _TENSORS}
-        atomic_write_bytes(base.with_suffix(".safetensors"), save(tensors, metadata={"format": "steering_lab.probe"}))
-        atomic_write_json(base.with_suffix(".json"), self.metadata())
-        return base
+        tensors = {name: getattr(self, name).reshape(-1) for name in _TENSORS}
+        return write_pair(path, tensors, self.metadata(), "steering_lab.probe", "probe")
 
     @classmethod
     def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None) -> Probe:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        base = base_path(path)
+        base, raw, meta = read_pair(path, "probe")
         st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
-        check(st.is_file(), f"probe file not found: {st}")
-        check(js.is_file(), f"probe metadata not found: {js} (a probe needs its json: layer and pooling)")
-        try:
-            raw = load_file(str(st))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{st} is not a valid safetensors file: {exc}") from None
         missing = [n for n in _TENSORS if n not in raw]
         check(not missing, f"{st} is not a probe: missing tensors {missing}")
-        try:
-            meta = json.loads(js.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{js} is not valid JSON: {exc}") from None
-        check(isinstance(meta, dict) and meta.get("kind") == "linear_probe", f"{js} does not describe a linear probe")
+        check(meta.get("kind") == "linear_probe", f"{js} does not describe a linear probe")
         for key in ("layer", "pooling"):
             check(key in meta, f"{js} has no {key!r}")
         probe = cls(layer=int(meta["layer"]), pooling=str(meta["pooling"]),

@@ -63,6 +63,42 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     check(bool(torch.isfinite(t).all()), f"{what} contains NaN or inf values")
 
 
+def write_pair(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+               fmt: str, what: str) -> Path:
+    """Atomically write ``PATH.safetensors`` (float32 CPU tensors) and ``PATH.json``; returns PATH."""
+    from safetensors.torch import save
+
+    base = base_path(path)
+    check(base.name not in ("", ".", ".."), f"invalid {what} path {str(path)!r}")
+    clean = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(base.with_suffix(".safetensors"), save(clean, metadata={"format": fmt}))
+    atomic_write_json(base.with_suffix(".json"), meta)
+    return base
+
+
+def read_pair(path: str | os.PathLike, what: str, need_json: bool = True) -> tuple[Path, dict, dict]:
+    """``(PATH, tensors, metadata)`` of a safetensors + json pair, with clear errors; never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    base = base_path(path)
+    st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    check(st.is_file(), f"{what} file not found: {st}")
+    check(js.is_file() or not need_json, f"{what} metadata not found: {js}")
+    try:
+        raw = load_file(str(st))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{st} is not a valid safetensors file: {exc}") from None
+    meta: dict[str, Any] = {}
+    if js.is_file():
+        try:
+            meta = json.loads(js.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{js} is not valid JSON: {exc}") from None
+        check(isinstance(meta, dict), f"{js} must hold a JSON object")
+    return base, raw, meta
+
+
 @dataclass
 class SteeringVector:
     """Directions keyed by 0-based decoder-block index, with metadata.
@@ -207,44 +243,20 @@ class SteeringVector:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``PATH.safetensors`` + ``PATH.json`` atomically; returns ``PATH`` (no extension)."""
-        from safetensors.torch import save
-
-        base = base_path(path)
-        check(base.name not in ("", ".", ".."), f"invalid vector path {str(path)!r}")
-        tensors = {f"direction.{k}": v.detach().to("cpu", torch.float32).contiguous()
-                   for k, v in self.directions.items()}
-        header = {"format": "steering_lab", "model": str(self.model), "d_model": str(self.d_model)}
-        atomic_write_bytes(base.with_suffix(".safetensors"), save(tensors, metadata=header))
-        atomic_write_json(base.with_suffix(".json"), self.metadata())
-        return base
+        return write_pair(path, {f"direction.{k}": v for k, v in self.directions.items()}, self.metadata(),
+                          "steering_lab", "vector")
 
     @classmethod
     def load(cls, path: str | os.PathLike, lm: Any = None) -> SteeringVector:
         """Load ``PATH(.safetensors)`` (+ ``PATH.json`` if present); check against ``lm`` if given."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        base = base_path(path)
+        base, raw, meta = read_pair(path, "vector", need_json=False)
         st = base.with_suffix(".safetensors")
-        check(st.is_file(), f"vector file not found: {st}")
-        try:
-            raw = load_file(str(st))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{st} is not a valid safetensors file: {exc}") from None
         dirs: dict[int, torch.Tensor] = {}
         for key, t in raw.items():
             m = _KEY.match(key)
             check(m is not None, f"{st}: unexpected tensor {key!r} (expected direction.<layer>)")
             dirs[int(m.group(1))] = t.float()
         check(bool(dirs), f"{st} holds no direction.<layer> tensors")
-        meta: dict[str, Any] = {}
-        js = base.with_suffix(".json")
-        if js.is_file():
-            try:
-                meta = json.loads(js.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UserError(f"{js} is not valid JSON: {exc}") from None
-            check(isinstance(meta, dict), f"{js} must hold a JSON object")
         known = {k: meta[k] for k in _META_FIELDS if k in meta and k != "layers"}
         extra = {k: v for k, v in meta.items() if k not in _META_FIELDS}
         known.setdefault("description", "")
