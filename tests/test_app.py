@@ -135,3 +135,21 @@ def test_app_endpoints_with_gradio_client(smol, tmp_path):
     finally:
         demo.close()
     assert hook_count(smol.model) == 0
+
+
+def test_dynamic_composition_in_the_steer_tab(tiny_ctx):
+    from steering_lab.compose import compose
+    from steering_lab.generate import generate
+
+    ctx = tiny_ctx
+    run = ctx.new_run("dyn")
+    outs = list(run_stream(ctx, "dyn", run, "How was your weekend?", "", ["rnd"], [3.0, 0, 0], "add", "recommended",
+                           "dynamic", 6, "none", [], None, 1e-12))  # tiny tau: always full strength
+    baseline, steered, table, strip, _, record = outs[-1]
+    vec = ctx.vectors.get("rnd")
+    assert steered == generate(ctx.lm, ["How was your weekend?"], compose([(vec, 3.0)]), max_new_tokens=6)[0]
+    assert baseline == generate(ctx.lm, ["How was your weekend?"], max_new_tokens=6)[0]
+    assert "dynamic composition" in table and "done" in table and record["text"] == baseline
+    with pytest.raises(UserError, match="add operator"):
+        list(run_stream(ctx, "dyn", ctx.new_run("dyn"), "Hi", "", ["rnd"], [1.0, 0, 0], "rotate", "recommended",
+                        "dynamic", 4, "none", [], None, 0.5))

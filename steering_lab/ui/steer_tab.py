@@ -76,13 +76,68 @@ def _trait_score(ctx: AppContext, name: str, values: Sequence[float]) -> float |
     return (mean - cal["mu_low"]) / (cal["mu_high"] - cal["mu_low"])
 
 
+def dynamic_run(ctx: AppContext, session: str, run: int, prompt: str, system: str | None, names: Sequence[str],
+                strengths: Sequence[float], layer_choice: str, max_tokens: int, tau: float,
+                cached: dict | None) -> Iterator[tuple]:
+    """Dynamic Activation Composition: per-token strengths by KL (``compose.dynamic_stream``)."""
+    from ..compose import dynamic_stream
+    from ..generate import generate
+    from ..metrics import score_texts
+
+    names = [n for n in (names or []) if n][:MAX_VECTORS]
+    check(bool(names), "choose at least one vector")
+    check(tau > 0, "tau must be positive")
+    items, layers = [], []
+    for name, s in zip(names, strengths):
+        vec = ctx.vectors.get(name)
+        chosen = vec.default_layers() if layer_choice in (None, "", "recommended") else [int(layer_choice)]
+        vec.check_model(ctx.lm, chosen)
+        items.append((vec, float(s)))
+        layers.append(chosen)
+    key = [prompt, system, max_tokens]
+    baseline = cached["text"] if cached is not None and cached.get("key") == key else None
+    start, shown, last, pieces, applied = time.perf_counter(), None, None, [], []
+    for last in dynamic_stream(ctx.lm, prompt, items, layers=layers, tau=tau, max_new_tokens=max_tokens,
+                               system=system):
+        if not ctx.is_current(session, run):
+            return
+        pieces.append(ctx.lm.tokenizer.decode([last.token_ids[-1]], skip_special_tokens=True))
+        applied.append(last.strengths[0])  # the first vector's strength when this token was chosen
+        now = time.perf_counter()
+        if shown is not None and not last.done and now - shown < UPDATE_EVERY_S:
+            continue
+        shown = now
+        n = len(last.token_ids)
+        rate = n / (now - start) if now > start else 0.0
+        note = ", ".join(f"{name} {s:+.1f}" for name, s in zip(names, last.strengths))
+        table = (f"**streaming…** {n} tokens · {rate:.1f} tok/s · run {run}\n\ndynamic composition (tau {tau:g}): "
+                 f"current strengths {note}")
+        yield (baseline or "", last.text, table, gr.skip(), gr.skip(), gr.skip())
+    if last is None:
+        return
+    if baseline is None:
+        baseline = generate(ctx.lm, [prompt], max_new_tokens=max_tokens, system=system)[0]
+    ppl = score_texts(ctx.lm, [prompt], [last.text], system=system).perplexity[0]
+    n = len(last.token_ids)
+    table = (f"**done** {n} tokens · run {run}\n\ndynamic composition (tau {tau:g}); perplexity of the steered text "
+             f"under the unsteered model {ppl:.2f}")
+    chart = monitor_figure({f"strength of {names[0]}": applied}, title="Per-token strength (dynamic composition)")
+    yield (baseline, last.text, table, token_strip(pieces, applied, f"strength of {names[0]}"), chart,
+           {"key": key, "text": baseline, "monitors": {}})
+
+
 def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str, names: Sequence[str],
                strengths: Sequence[float], operator: str, layer_choice: str, compose_mode: str, max_tokens: int,
-               controller: str, probe_names: Sequence[str], cached: dict | None) -> Iterator[tuple]:
+               controller: str, probe_names: Sequence[str], cached: dict | None, tau: float = 0.5) -> Iterator[tuple]:
     """Yield (baseline, steered, metrics, strip, chart, baseline_record) until done or superseded."""
     check((prompt or "").strip() != "", "type a prompt first")
     max_tokens = int(max_tokens)
     system = system.strip() or None if system else None
+    if compose_mode == "dynamic" and (not controller or controller == "none"):
+        check(operator == "add", "dynamic composition works with the add operator")
+        yield from dynamic_run(ctx, session, run, prompt, system, names, strengths, layer_choice, max_tokens,
+                               float(tau), cached)
+        return
     controller_note = ""
     if controller and controller != "none":
         ctl = ctx.controllers.get(controller)
@@ -169,11 +224,14 @@ def build(ctx: AppContext) -> dict:
         operator = gr.Radio(list(OPERATORS), value="add", label="Operator", elem_id="operator")
         layer = gr.Dropdown(["recommended"] + [str(k) for k in range(ctx.lm.n_layers)], value="recommended",
                             label="Layer")
-        compose_mode = gr.Radio(["separate", "sum"], value="separate", label="Several vectors",
-                                info="each at its own layer, or summed at the first one's layer")
+        compose_mode = gr.Radio(["separate", "sum", "dynamic"], value="separate", label="Several vectors",
+                                info="each at its own layer; summed at the first one's layer; or each at its own "
+                                     "layer with per-token strengths by KL (dynamic composition)")
         max_tokens = gr.Slider(8, 256, value=64, step=8, label="Max new tokens", elem_id="max-tokens")
     with gr.Accordion("Options: system prompt, live probes, controller", open=False):
         system = gr.Textbox(label="System prompt (empty = the model's default)", lines=1)
+        tau = gr.Number(value=0.5, minimum=0.001, label="Dynamic composition: KL (nats) at which a vector gets its "
+                                                        "full strength")
         probes = gr.CheckboxGroup(probe_names, value=[p for p in ("harmful",) if p in probe_names],
                                   label="Probes to monitor live")
         controller = gr.Dropdown(controllers, value="none", label="Controller (decides per prompt how hard to "
@@ -207,21 +265,21 @@ def build(ctx: AppContext) -> dict:
 
     @gpu
     @user_errors
-    def full_stream(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record,
+    def full_stream(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record, tau_value,
                     request: gr.Request):
         yield from run_stream(ctx, request.session_hash, run, p, sys_prompt, names_, [s0, s1, s2], op, lay, mode, n,
-                              ctl, probe_sel, None)
+                              ctl, probe_sel, None, tau_value)
 
     @gpu
     @user_errors
-    def steered_stream(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record,
+    def steered_stream(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record, tau_value,
                        request: gr.Request):
         """After a slider release: the baseline of the same prompt is reused, only the steered side streams."""
         yield from run_stream(ctx, request.session_hash, run, p, sys_prompt, names_, [s0, s1, s2], op, lay, mode, n,
-                              ctl, probe_sel, record)
+                              ctl, probe_sel, record, tau_value)
 
     inputs = [session_run, prompt, system, vectors, *sliders, operator, layer, compose_mode, max_tokens, controller,
-              probes, baseline_record]
+              probes, baseline_record, tau]
     outputs = [baseline, steered, metrics, strip, chart, baseline_record]
     stream_opts = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1, show_progress="hidden",
                        api_visibility="private")
