@@ -263,20 +263,18 @@ def build(ctx: AppContext) -> dict:
     def start_run(request: gr.Request) -> int:
         return ctx.new_run(request.session_hash)
 
-    @gpu
-    @user_errors
-    def full_stream(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record, tau_value,
-                    request: gr.Request):
-        yield from run_stream(ctx, request.session_hash, run, p, sys_prompt, names_, [s0, s1, s2], op, lay, mode, n,
-                              ctl, probe_sel, None, tau_value)
+    def make_stream(reuse_baseline: bool):
+        """The queued stream: after a slider release (``reuse_baseline``) the baseline of the same
+        prompt is reused and only the steered side streams; Generate streams both."""
+        @gpu
+        @user_errors
+        def stream_fn(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record, tau_value,
+                      request: gr.Request):
+            yield from run_stream(ctx, request.session_hash, run, p, sys_prompt, names_, [s0, s1, s2], op, lay, mode,
+                                  n, ctl, probe_sel, record if reuse_baseline else None, tau_value)
+        return stream_fn
 
-    @gpu
-    @user_errors
-    def steered_stream(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record, tau_value,
-                       request: gr.Request):
-        """After a slider release: the baseline of the same prompt is reused, only the steered side streams."""
-        yield from run_stream(ctx, request.session_hash, run, p, sys_prompt, names_, [s0, s1, s2], op, lay, mode, n,
-                              ctl, probe_sel, record, tau_value)
+    full_stream, steered_stream = make_stream(False), make_stream(True)
 
     inputs = [session_run, prompt, system, vectors, *sliders, operator, layer, compose_mode, max_tokens, controller,
               probes, baseline_record, tau]
