@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -186,10 +186,12 @@ def score_texts(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str],
 
 
 def _slice_rows(item: Steer, start: int, stop: int) -> Steer:
+    """The rows ``start:stop`` of a batch-wide intervention (per-row strengths and row mask)."""
     s = torch.as_tensor(item.strength, dtype=torch.float32).reshape(-1)
     if s.numel() > 1:
         s = s[start:stop]
-    return Steer(item.vector, s, layers=item.layers, operator=item.operator, scope=item.scope)
+    rows = None if item.rows is None else list(item.rows)[start:stop]
+    return replace(item, strength=s, rows=rows)
 
 
 def nanmean(values: Iterable[float]) -> float:

@@ -73,3 +73,13 @@ def test_score_texts_against_manual_computation(tiny):
     again = score_texts(tiny, prompts, texts, Steer(v, [0.0, 2.0], layers=[1]), batch_size=1)
     assert again.perplexity == pytest.approx(scores.perplexity, rel=1e-5)
     assert again.kl == pytest.approx(scores.kl, rel=1e-4, abs=1e-7)
+
+
+def test_score_texts_keeps_row_masks_across_batches(tiny):
+    prompts = ["How was your weekend?", "Describe a library."]
+    texts = ["It was good.", "Quiet and full of books."]
+    v = torch.randn(tiny.d_model)
+    item = Steer(v, 2.0, layers=[1], rows=[False, True])  # only the second text is steered
+    for batch_size in (1, 2):
+        scores = score_texts(tiny, prompts, texts, item, batch_size=batch_size)
+        assert scores.kl[0] == 0.0 and scores.kl[1] > 0
