@@ -223,6 +223,7 @@ def steer(target: Any, interventions: Steer | Sequence[Steer], *,
     for item in items:
         check(isinstance(item, Steer), f"expected Steer(...), got {type(item).__name__}")
     n_layers = len(layers)
+    width = _width(model)
     handle = SteeringHandle(model=model)
     needs_positions = any(item.scope != "all" for item in items)
     if needs_positions:
@@ -242,7 +243,6 @@ def steer(target: Any, interventions: Steer | Sequence[Steer], *,
         for k, direction in directions.items():
             check(0 <= k < n_layers, f"layer {k} is out of range: the model has {n_layers} blocks "
                                      f"(layers 0-{n_layers - 1})")
-            width = _width(model)
             check(direction.shape[0] == width,
                   f"direction for layer {k} has width {direction.shape[0]} but the model's is {width}")
             block = layers[k]

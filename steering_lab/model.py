@@ -313,6 +313,7 @@ def _load_embedded(device: torch.device, dtype: torch.dtype, device_map: Any, ma
     model = _from_pretrained(str(gguf.parent), gguf.name, torch.device("cpu"), torch.float32, None, None,
                              False, {})
     _clear_quantizer_marks(model)
+    tmp: Path | None = None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
@@ -324,7 +325,8 @@ def _load_embedded(device: torch.device, dtype: torch.dtype, device_map: Any, ma
         os.replace(tmp, cached)
     except OSError as exc:  # read-only home, full disk: still usable, just slower next time
         log.warning("could not cache the embedded model in %s: %s", cached, exc)
-        shutil.rmtree(locals().get("tmp", ""), ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     if device_map is not None:
         # Reload from the copy so accelerate can place the blocks itself.
         if (cached / "READY").is_file():

@@ -50,22 +50,15 @@ class AppContext:
 
     def compatible_vectors(self) -> list[str]:
         """Library vectors that fit the loaded model (width and layer range)."""
-        out = []
-        for name in self.vectors.names():
-            try:
-                v = self.vectors.get(name)
-                v.check_model(self.lm)
-            except Exception:  # noqa: BLE001 - a broken or foreign file is listed in the Library tab, not here
-                continue
-            out.append(name)
-        return out
+        return self.compatible(self.vectors)
 
     def compatible(self, library) -> list[str]:
+        """Names in ``library`` whose files load and fit the loaded model."""
         out = []
         for name in library.names():
             try:
                 library.get(name).check_model(self.lm)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a broken or foreign file is listed in the Library tab, not here
                 continue
             out.append(name)
         return out

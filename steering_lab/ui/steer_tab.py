@@ -195,8 +195,6 @@ def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str
             chart = monitor_figure(series)
         record = {"key": key, "text": baseline, "monitors": base_mons} if last.done else gr.skip()
         yield baseline, last.steered, table, strip, chart, record
-    if last is None:
-        return
 
 
 def build(ctx: AppContext) -> dict:
