@@ -47,8 +47,14 @@ class Steer:
     operator: str = "add"
     scope: str = "all"
     rows: Sequence[bool] | None = None  # batch rows it acts on (default all); others are left exactly as they are
+    # operator "transform": ``transform(h, s) -> h'`` on block outputs ``h`` [B, T, d] with strengths ``s``
+    # [B or 1, 1, 1] (e.g. an SAE feature clamp that keeps the reconstruction error); eager path only
+    transform: Any = None
 
     def __post_init__(self) -> None:
+        if self.operator == "transform":
+            check(callable(self.transform), "operator 'transform' needs a callable transform(h, strength)")
+            return
         check(self.operator in OPERATORS, f"unknown operator {self.operator!r} (choose {', '.join(OPERATORS)})")
         check(self.scope in SCOPES, f"unknown scope {self.scope!r} (choose {', '.join(SCOPES)})")
 
@@ -96,13 +102,15 @@ class _Op:
     """One intervention at one layer, with its buffers on the block's device."""
 
     def __init__(self, direction: torch.Tensor, strength: torch.Tensor, operator: str, scope: str,
-                 device: torch.device, dtype: torch.dtype, rows: Sequence[bool] | None = None) -> None:
+                 device: torch.device, dtype: torch.dtype, rows: Sequence[bool] | None = None,
+                 transform: Any = None) -> None:
         self.operator = operator
+        self.transform = transform
         self.scope = scope
         self.rows = None if rows is None else torch.as_tensor(list(rows), dtype=torch.bool, device=device)
         d32 = direction.detach().to(device=device, dtype=torch.float32)
         norm = d32.norm()
-        if operator != "add":
+        if operator not in ("add", "transform"):
             check(float(norm) > 0, f"cannot {operator} along a zero direction")
         self.unit = d32 / norm if float(norm) > 0 else d32
         self.vec = direction.detach().to(device=device, dtype=dtype)  # add uses the raw vector
@@ -118,6 +126,10 @@ class _Op:
         c = self.coef(h.shape[0])
         if self.operator == "add":
             new = h + c.to(h.dtype) * self.vec.to(h.dtype)
+        elif self.operator == "transform":
+            new = self.transform(h, c)
+            check(new.shape == h.shape, f"transform returned shape {tuple(new.shape)} for {tuple(h.shape)}")
+            new = new.to(h.dtype)
         else:
             h32 = h.float()
             proj = h32 @ self.unit  # [B, T]
@@ -248,7 +260,7 @@ def steer(target: Any, interventions: Steer | Sequence[Steer], *,
             block = layers[k]
             device = next((p.device for p in block.parameters()), strength.device)
             op = _Op(direction, strength if differentiable else strength.clone(), item.operator, item.scope, device,
-                     _block_dtype(block, direction.dtype), item.rows)
+                     _block_dtype(block, direction.dtype), item.rows, item.transform)
             ops.append(op)
             per_layer.setdefault(k, []).append(op)
         handle.ops.append(ops)
