@@ -37,7 +37,7 @@ TOKENS = 32
 
 def main() -> None:
     lm = load_model()
-    vec = SteeringVector.load(ROOT / "vectors" / "refusal_style", lm)
+    vec = SteeringVector.load(ROOT / "steering_lab" / "shipped" / "vectors" / "refusal_style", lm)
     s = vec.recommended_strength
     h_tr, l_tr = instruction_split("train")
     h_va, l_va = instruction_split("val")
@@ -60,12 +60,12 @@ def main() -> None:
     texts, applied = conditional_generate(lm, prompts, cond, vec, s, max_new_tokens=TOKENS)
     record("CAST", texts, applied, {"condition_layer": cond.layer, "threshold": round(cond.threshold, 4),
                                     "val_f1": round(cond.f1, 4)})
-    ctl = Controller.load(ROOT / "controllers" / "refusal_style", lm)
+    ctl = Controller.load(ROOT / "steering_lab" / "shipped" / "controllers" / "refusal_style", lm)
     texts, scale = ctl.generate(lm, prompts, max_new_tokens=TOKENS)
     record("controller", texts, (scale >= ctl.threshold).tolist(),
            {"steer_layers": ctl.steer_layers, "input_layers": ctl.input_layers,
             "mean_scale_harmful": float(scale[:n].mean()), "mean_scale_harmless": float(scale[n:].mean())})
-    probe = Probe.load(ROOT / "probes" / "harmful", lm)
+    probe = Probe.load(ROOT / "steering_lab" / "shipped" / "probes" / "harmful", lm)
     scores = torch.tensor(score_texts_with_probe(lm, probe, prompts))
     report = {"date": str(datetime.date.today()), "machine": f"{platform.machine()} CPU, 2 cores",
               "model": lm.name, "vector": "vectors/refusal_style", "strength": s, "max_new_tokens": TOKENS,

@@ -1,4 +1,4 @@
-"""Regenerate the ready library for the embedded model: vectors/, probes/ and controllers/.
+"""Regenerate the ready library for the embedded model: steering_lab/shipped/{vectors,probes,controllers}/.
 
     python scripts/build_library.py            # everything (~15 min on 2 CPU cores)
     python scripts/build_library.py --only sentiment,formality
@@ -29,7 +29,8 @@ from steering_lab.personas import BIG_FIVE, TEST_QUESTIONS, persona_questions, t
 from steering_lab.probes import instruction_splits, train_probe  # noqa: E402
 from steering_lab.refusal import style_direction  # noqa: E402
 
-VECTORS, PROBES, CONTROLLERS = ROOT / "vectors", ROOT / "probes", ROOT / "controllers"
+SHIPPED = ROOT / "steering_lab" / "shipped"  # package data (steering_lab.resources.shipped_root())
+VECTORS, PROBES, CONTROLLERS = SHIPPED / "vectors", SHIPPED / "probes", SHIPPED / "controllers"
 TOKENS = 40
 
 

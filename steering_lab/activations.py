@@ -22,11 +22,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .constants import POSITIONS
 from .errors import check
 from .intervene import capture
 from .model import LoadedModel
-
-POSITIONS = ("last", "mean", "max", "response_mean")
 
 
 @dataclass

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from .activations import POSITIONS, collect
+from .constants import POOLINGS
 from .datasets import ContrastSet
 from .errors import check
 from .extract import auroc
 from .model import LoadedModel
 from .vector import _now, check_finite, read_pair, write_pair
 
-POOLINGS = ("last", "mean", "max")
 _TENSORS = ("weight", "mean", "scale", "bias")
 
 

@@ -1,5 +1,5 @@
-"""The ready library for the embedded model (vectors/, probes/, controllers/): every file loads and
-fits the model, and every vector does what its metadata claims, measured here."""
+"""The ready library for the embedded model (steering_lab/shipped/: vectors/, probes/, controllers/): every file
+loads and fits the model, and every vector does what its metadata claims, measured here."""
 
 import statistics
 from pathlib import Path
@@ -16,7 +16,7 @@ from steering_lab.probes import Probe
 from steering_lab.vector import SteeringVector
 
 pytestmark = pytest.mark.real
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1] / "steering_lab" / "shipped"
 VECTORS = ["sentiment", "formality", "harmful", "refusal_style", *BIG_FIVE]
 PROBES = ["harmful", *BIG_FIVE]
 

@@ -12,7 +12,7 @@ from ..errors import UserError, check
 from ..vector import SteeringVector
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1] / "shipped"  # = resources.shipped_root(): vectors/, probes/, ...
 
 
 def validate_name(name: str) -> str:
