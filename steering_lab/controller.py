@@ -29,7 +29,7 @@ from .activations import collect, pad_left
 from .errors import UserError, check
 from .intervene import Steer, steer
 from .model import LoadedModel
-from .vector import SteeringVector, _now, read_pair, write_pair
+from .vector import SteeringVector, _now, base_path, commit_pair, encode_pair, read_pair
 
 # ---- the controller network ---------------------------------------------------------------------
 
@@ -103,35 +103,79 @@ class Controller:
                 "threshold": self.threshold, "vector": self.vector.metadata(), "metrics": self.metrics,
                 "created": self.created}
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def encode(self) -> tuple[bytes, bytes]:
+        """``(safetensors bytes, json bytes)``: what :meth:`save` writes (the library commits these)."""
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         tensors.update({f"direction.{k}": self.vector[k] for k in self.steer_layers})
-        return write_pair(path, tensors, self.metadata(), "steering_lab.controller", "controller")
+        return encode_pair(tensors, self.metadata(), "steering_lab.controller")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``PATH.safetensors`` + ``PATH.json`` as one unit; returns ``PATH``."""
+        base = base_path(path)
+        check(base.name not in ("", ".", ".."), f"invalid controller path {str(path)!r}")
+        return commit_pair(base, *self.encode())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None) -> Controller:
-        base, raw, meta = read_pair(path, "controller")
-        st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
-        check(meta.get("kind") == "steering_controller", f"{js} is not a controller")
-        d = int(meta["d_model"])
-        net = ControllerNet(len(meta["input_layers"]), d, len(meta["steer_layers"]), int(meta["hidden"]))
-        state = {k[4:]: v for k, v in raw.items() if k.startswith("net.")}
+    def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None, *, label: str | None = None) -> Controller:
+        """Load ``PATH.safetensors`` + ``PATH.json``; ``label`` names it in messages instead of its path."""
+        base, raw, meta = read_pair(path, "controller", label=label)
+        where = label or str(base.with_suffix(".safetensors"))
+        check(meta.get("kind") == "steering_controller", f"{label or base.with_suffix('.json')} is not a controller")
         try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise UserError(f"{st}: controller weights do not match its json ({str(exc).splitlines()[0]})") from None
-        vmeta = dict(meta.get("vector", {}))
-        vec = SteeringVector(directions={int(k[10:]): v for k, v in raw.items() if k.startswith("direction.")},
-                             model=vmeta.get("model", ""), d_model=d, n_layers=vmeta.get("n_layers"),
-                             method=vmeta.get("method", ""), description=vmeta.get("description", ""))
-        ctl = cls(net=net.eval(), input_layers=[int(k) for k in meta["input_layers"]],
-                  steer_layers=[int(k) for k in meta["steer_layers"]], vector=vec,
-                  base_strength=float(meta["base_strength"]), pooling=meta.get("pooling", "last"),
-                  threshold=float(meta.get("threshold", 0.5)), model=meta.get("model", ""),
-                  metrics=meta.get("metrics", {}), created=meta.get("created", ""))
+            ctl = cls._from_parts(raw, meta, where)
+        except UserError as exc:
+            raise UserError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as exc:
+            raise UserError(f"{where} is not a valid controller: {type(exc).__name__}: {exc}") from None
         if lm is not None:
             ctl.check_model(lm)
         return ctl
+
+    @classmethod
+    def _from_parts(cls, raw: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> Controller:
+        def ints(key: str) -> list[int]:
+            value = meta[key]
+            check(isinstance(value, list) and bool(value) and all(isinstance(k, int) and not isinstance(k, bool)
+                                                                   and 0 <= k < 10_000 for k in value),
+                  f"'{key}' must be a non-empty list of layer indices")
+            return list(value)
+
+        d, hidden = meta["d_model"], meta["hidden"]
+        inputs, steered = ints("input_layers"), ints("steer_layers")
+        check(isinstance(d, int) and isinstance(hidden, int) and d > 0 and hidden > 0,
+              "'d_model' and 'hidden' must be positive integers")
+        state = {k[4:]: v for k, v in raw.items() if k.startswith("net.")}
+        # shapes are checked against the file before anything is allocated from the json's numbers
+        want = {"in_mean": (len(inputs) * d,), "in_scale": (len(inputs) * d,),
+                "body.0.weight": (hidden, len(inputs) * d), "body.0.bias": (hidden,),
+                "body.2.weight": (1 + len(steered), hidden), "body.2.bias": (1 + len(steered),)}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        check(got == want, f"controller weights do not match its json (tensors {got}, expected {want})")
+        net = ControllerNet(len(inputs), d, len(steered), hidden)
+        net.load_state_dict(state, strict=True)
+        for k, v in net.state_dict().items():
+            check(bool(torch.isfinite(v).all()), f"controller weight {k} contains NaN or inf values")
+        check(bool((net.in_scale > 0).all()), "controller input scale must be positive")
+        vmeta = meta.get("vector", {})
+        check(isinstance(vmeta, dict), "'vector' must be an object")
+        dirs = {}
+        for key, v in raw.items():
+            if key.startswith("direction."):
+                check(key[10:].isdigit() and len(key) < 17, f"unexpected tensor {key!r}")
+                dirs[int(key[10:])] = v
+        vec = SteeringVector(directions=dirs, model=str(vmeta.get("model", "")), d_model=d,
+                             n_layers=vmeta.get("n_layers") if isinstance(vmeta.get("n_layers"), int) else None,
+                             method=str(vmeta.get("method", "")), description=str(vmeta.get("description", "")))
+        check(set(steered) <= set(vec.layers), f"steer_layers {steered} are not all in the directions {vec.layers}")
+        strength, threshold = float(meta["base_strength"]), float(meta.get("threshold", 0.5))
+        check(math.isfinite(strength) and math.isfinite(threshold), "base_strength and threshold must be finite")
+        metrics = meta.get("metrics", {})
+        check(isinstance(metrics, dict), "'metrics' must be an object")
+        pooling = meta.get("pooling", "last")
+        check(pooling in ("last", "mean", "max"), f"unknown pooling {pooling!r}")
+        return cls(net=net.eval(), input_layers=inputs, steer_layers=steered, vector=vec, base_strength=strength,
+                   pooling=pooling, threshold=threshold, model=str(meta.get("model", "")), metrics=metrics,
+                   created=str(meta.get("created", "")))
 
 
 def _target_batch(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str]) -> tuple[dict, torch.Tensor]:

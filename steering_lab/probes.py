@@ -18,10 +18,10 @@ import torch
 from .activations import POSITIONS, collect
 from .constants import POOLINGS
 from .datasets import ContrastSet
-from .errors import check
+from .errors import UserError, check
 from .extract import auroc
 from .model import LoadedModel
-from .vector import _now, check_finite, read_pair, write_pair
+from .vector import _now, base_path, check_finite, commit_pair, encode_pair, read_pair
 
 _TENSORS = ("weight", "mean", "scale", "bias")
 
@@ -80,25 +80,49 @@ class Probe:
                 "d_model": self.d_model, "labels": list(self.labels), "chat": self.chat, "dataset": self.dataset,
                 "description": self.description, "metrics": self.metrics, "created": self.created}
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def encode(self) -> tuple[bytes, bytes]:
+        """``(safetensors bytes, json bytes)``: what :meth:`save` writes (the library commits these)."""
         tensors = {name: getattr(self, name).reshape(-1) for name in _TENSORS}
-        return write_pair(path, tensors, self.metadata(), "steering_lab.probe", "probe")
+        return encode_pair(tensors, self.metadata(), "steering_lab.probe")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``PATH.safetensors`` + ``PATH.json`` as one unit; returns ``PATH``."""
+        base = base_path(path)
+        check(base.name not in ("", ".", ".."), f"invalid probe path {str(path)!r}")
+        return commit_pair(base, *self.encode())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None) -> Probe:
-        base, raw, meta = read_pair(path, "probe")
-        st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None, *, label: str | None = None) -> Probe:
+        """Load ``PATH.safetensors`` + ``PATH.json``; ``label`` names it in messages instead of its path."""
+        base, raw, meta = read_pair(path, "probe", label=label)
+        where = label or str(base.with_suffix(".safetensors"))
         missing = [n for n in _TENSORS if n not in raw]
-        check(not missing, f"{st} is not a probe: missing tensors {missing}")
+        check(not missing, f"{where} is not a probe: missing tensors {missing}")
+        js = label or base.with_suffix(".json")
         check(meta.get("kind") == "linear_probe", f"{js} does not describe a linear probe")
         for key in ("layer", "pooling"):
-            check(key in meta, f"{js} has no {key!r}")
-        probe = cls(layer=int(meta["layer"]), pooling=str(meta["pooling"]),
-                    weight=raw["weight"], mean=raw["mean"], scale=raw["scale"], bias=raw["bias"],
-                    model=meta.get("model", ""), d_model=meta.get("d_model"),
-                    labels=tuple(meta.get("labels", ("positive", "negative"))), chat=bool(meta.get("chat", True)),
-                    dataset=meta.get("dataset", ""), description=meta.get("description", ""),
-                    metrics=meta.get("metrics", {}), created=meta.get("created", ""))
+            check(key in meta, f"{where}: the metadata has no {key!r}")
+        try:
+            check(isinstance(meta["layer"], int) and not isinstance(meta["layer"], bool),
+                  f"{where}: 'layer' must be an integer")
+            labels = meta.get("labels", ("positive", "negative"))
+            check(isinstance(labels, (list, tuple)) and len(labels) == 2 and all(isinstance(x, str) for x in labels),
+                  f"{where}: 'labels' must be two strings")
+            d_model = meta.get("d_model")
+            check(d_model is None or (isinstance(d_model, int) and not isinstance(d_model, bool)),
+                  f"{where}: 'd_model' must be an integer")
+            metrics = meta.get("metrics", {})
+            check(isinstance(metrics, dict), f"{where}: 'metrics' must be an object")
+            probe = cls(layer=meta["layer"], pooling=str(meta["pooling"]),
+                        weight=raw["weight"], mean=raw["mean"], scale=raw["scale"], bias=raw["bias"],
+                        model=str(meta.get("model", "")), d_model=d_model, labels=tuple(labels),
+                        chat=bool(meta.get("chat", True)), dataset=str(meta.get("dataset", "")),
+                        description=str(meta.get("description", "")), metrics=metrics,
+                        created=str(meta.get("created", "")))
+        except UserError as exc:
+            raise UserError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
+        except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise UserError(f"{where} is not a valid probe: {exc}") from None
         if lm is not None:
             probe.check_model(lm)
         return probe

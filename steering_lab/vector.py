@@ -9,7 +9,9 @@ holds the metadata. Both are written atomically. Loading never unpickles anythin
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -23,7 +25,7 @@ import torch
 
 from .errors import UserError, check
 
-_KEY = re.compile(r"^direction\.(\d+)$")
+_KEY = re.compile(r"direction\.(0|[1-9][0-9]{0,5})")
 _META_FIELDS = ("model", "d_model", "n_layers", "layers", "method", "dataset", "recommended_layer",
                 "recommended_strength", "normalized", "created", "description")
 
@@ -63,40 +65,126 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     check(bool(torch.isfinite(t).all()), f"{what} contains NaN or inf values")
 
 
-def write_pair(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-               fmt: str, what: str) -> Path:
-    """Atomically write ``PATH.safetensors`` (float32 CPU tensors) and ``PATH.json``; returns PATH."""
+# ---- the pair as one unit -------------------------------------------------------------------
+# A save is committed by its .safetensors file: that file carries a copy of the metadata
+# (``__metadata__["steering_lab.meta"]``) and the .json names the sha256 of the tensors file it
+# belongs to. The json is written first, the tensors last, each by an atomic rename; a crash
+# between the two leaves the old tensors file (whole, with its own metadata) beside a json whose
+# checksum does not match, and the loader then uses the metadata inside the tensors file: the
+# previous version, intact. A json with a matching checksum (or none: older files, hand-written
+# ones) is the metadata, so hand edits of the json keep working.
+SHA_KEY = "sha256"
+META_KEY = "steering_lab.meta"
+log = logging.getLogger(__name__)
+
+
+def encode_pair(tensors: dict[str, torch.Tensor], meta: dict[str, Any], fmt: str) -> tuple[bytes, bytes]:
+    """``(safetensors bytes, json bytes)`` of one artifact (float32 CPU tensors)."""
     from safetensors.torch import save
 
-    base = base_path(path)
-    check(base.name not in ("", ".", ".."), f"invalid {what} path {str(path)!r}")
     clean = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(base.with_suffix(".safetensors"), save(clean, metadata={"format": fmt}))
-    atomic_write_json(base.with_suffix(".json"), meta)
+    meta = {k: v for k, v in meta.items() if k != SHA_KEY}
+    st = save(clean, metadata={"format": fmt, META_KEY: json.dumps(meta)})
+    js = (json.dumps({**meta, SHA_KEY: hashlib.sha256(st).hexdigest()}, indent=2) + "\n").encode()
+    return st, js
+
+
+def commit_pair(base: Path, st: bytes, js: bytes) -> Path:
+    """Write an encoded pair at ``base``: json first, tensors last (see above); returns ``base``."""
+    atomic_write_bytes(base.with_suffix(".json"), js)
+    atomic_write_bytes(base.with_suffix(".safetensors"), st)
     return base
 
 
-def read_pair(path: str | os.PathLike, what: str, need_json: bool = True) -> tuple[Path, dict, dict]:
-    """``(PATH, tensors, metadata)`` of a safetensors + json pair, with clear errors; never unpickles."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def write_pair(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+               fmt: str, what: str) -> Path:
+    """Write ``PATH.safetensors`` (float32 CPU tensors) and ``PATH.json`` as one unit; returns PATH."""
     base = base_path(path)
-    st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
-    check(st.is_file(), f"{what} file not found: {st}")
-    check(js.is_file() or not need_json, f"{what} metadata not found: {js}")
+    check(base.name not in ("", ".", ".."), f"invalid {what} path {str(path)!r}")
+    return commit_pair(base, *encode_pair(tensors, meta, fmt))
+
+
+def _embedded_meta(data: bytes) -> dict[str, Any] | None:
+    """The metadata copy inside a (validated) safetensors file, or None."""
+    n = int.from_bytes(data[:8], "little")
     try:
-        raw = load_file(str(st))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{st} is not a valid safetensors file: {exc}") from None
+        header = json.loads(data[8:8 + n])
+        text = (header.get("__metadata__") or {}).get(META_KEY)
+        meta = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def read_files(st: Path, js: Path | None, what: str, need_json: bool = True,
+               label: str | None = None) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` from a tensors file and its json (either may be named freely, e.g.
+    two uploads); ``label`` replaces the paths in messages (the app shows names, never host paths)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    st_name = label or str(st)
+    js_name = f"the metadata of {label}" if label else str(js)
+    check(st.is_file(), f"{what} file not found: {st_name}")
+    has_json = js is not None and js.is_file()
+    check(has_json or not need_json, f"{what} metadata not found: {js_name}")
+    try:
+        data = st.read_bytes()
+        raw = load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{st_name} is not a valid safetensors file: {_first_line(exc)}") from None
+    embedded = _embedded_meta(data)
     meta: dict[str, Any] = {}
-    if js.is_file():
+    if has_json:
         try:
-            meta = json.loads(js.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{js} is not valid JSON: {exc}") from None
-        check(isinstance(meta, dict), f"{js} must hold a JSON object")
+            meta = json.loads(js.read_bytes().decode("utf-8"))
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{js_name} is not valid JSON: {_first_line(exc)}") from None
+        check(isinstance(meta, dict), f"{js_name} must hold a JSON object")
+        sha = meta.pop(SHA_KEY, None)
+        if sha is not None and sha != hashlib.sha256(data).hexdigest():
+            # the json belongs to another save (interrupted, or copied from elsewhere)
+            check(embedded is not None or not need_json,
+                  f"{js_name} does not belong to {st_name} (checksum mismatch: an interrupted save?)")
+            log.warning("%s: metadata does not match the tensors; using the copy inside the tensors file", st_name)
+            meta = dict(embedded or {})
+    elif embedded is not None:
+        meta = dict(embedded)
+    return raw, meta
+
+
+def read_pair(path: str | os.PathLike, what: str, need_json: bool = True,
+              label: str | None = None) -> tuple[Path, dict, dict]:
+    """``(PATH, tensors, metadata)`` of a safetensors + json pair, with clear errors; never unpickles."""
+    base = base_path(path)
+    raw, meta = read_files(base.with_suffix(".safetensors"), base.with_suffix(".json"), what, need_json, label)
     return base, raw, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "d_model": (int, type(None)), "n_layers": (int, type(None)), "method": (str,),
+    "dataset": (str,), "recommended_layer": (int, type(None)), "recommended_strength": (int, float, type(None)),
+    "normalized": (bool,), "created": (str,), "description": (str,)}
+
+
+def _typed_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """The known metadata fields, type-checked (a json from elsewhere may hold anything)."""
+    out = {}
+    for key, types in _TYPES.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        check(ok, f"{where}: metadata field {key!r} has the wrong type ({type(value).__name__})")
+        if key == "recommended_strength" and value is not None:
+            check(math.isfinite(value), f"{where}: recommended_strength is not finite")
+        out[key] = value
+    return out
 
 
 @dataclass
@@ -128,7 +216,8 @@ class SteeringVector:
             check(isinstance(k, int) and not isinstance(k, bool) and k >= 0,
                   f"layer keys must be non-negative ints, got {k!r}")
             check(isinstance(v, torch.Tensor), f"direction for layer {k} is not a tensor")
-            check(v.dim() == 1, f"direction for layer {k} has shape {tuple(v.shape)}, expected [d_model]")
+            check(v.dim() == 1 and v.shape[0] > 0,
+                  f"direction for layer {k} has shape {tuple(v.shape)}, expected [d_model]")
             check(v.is_floating_point(), f"direction for layer {k} has dtype {v.dtype}, expected a float")
             check_finite(v, f"direction for layer {k}")
             dims.add(v.shape[0])
@@ -241,24 +330,43 @@ class SteeringVector:
         meta.update(self.extra)
         return meta
 
+    def encode(self) -> tuple[bytes, bytes]:
+        """``(safetensors bytes, json bytes)``: what :meth:`save` writes (the library commits these)."""
+        return encode_pair({f"direction.{k}": v for k, v in self.directions.items()}, self.metadata(), "steering_lab")
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``PATH.safetensors`` + ``PATH.json`` atomically; returns ``PATH`` (no extension)."""
-        return write_pair(path, {f"direction.{k}": v for k, v in self.directions.items()}, self.metadata(),
-                          "steering_lab", "vector")
+        """Write ``PATH.safetensors`` + ``PATH.json`` as one unit; returns ``PATH`` (no extension)."""
+        base = base_path(path)
+        check(base.name not in ("", ".", ".."), f"invalid vector path {str(path)!r}")
+        return commit_pair(base, *self.encode())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, lm: Any = None) -> SteeringVector:
-        """Load ``PATH(.safetensors)`` (+ ``PATH.json`` if present); check against ``lm`` if given."""
-        base, raw, meta = read_pair(path, "vector", need_json=False)
-        st = base.with_suffix(".safetensors")
+    def load(cls, path: str | os.PathLike, lm: Any = None, *, label: str | None = None) -> SteeringVector:
+        """Load ``PATH(.safetensors)`` (+ ``PATH.json`` if present); check against ``lm`` if given.
+        ``label`` names the vector in error messages instead of its path."""
+        base, raw, meta = read_pair(path, "vector", need_json=False, label=label)
+        return cls.from_parts(raw, meta, label or str(base.with_suffix(".safetensors")), lm)
+
+    @classmethod
+    def load_files(cls, safetensors: str | os.PathLike, json_file: str | os.PathLike | None = None, lm: Any = None,
+                   *, label: str | None = None) -> SteeringVector:
+        """Load from a tensors file and an optional json named freely (e.g. two uploads)."""
+        st = Path(safetensors)
+        raw, meta = read_files(st, None if json_file is None else Path(json_file), "vector", False, label)
+        return cls.from_parts(raw, meta, label or str(st), lm)
+
+    @classmethod
+    def from_parts(cls, raw: dict[str, torch.Tensor], meta: dict[str, Any], where: str,
+                   lm: Any = None) -> SteeringVector:
         dirs: dict[int, torch.Tensor] = {}
         for key, t in raw.items():
-            m = _KEY.match(key)
-            check(m is not None, f"{st}: unexpected tensor {key!r} (expected direction.<layer>)")
+            m = _KEY.fullmatch(key)
+            check(m is not None, f"{where}: unexpected tensor {key!r} (expected direction.<layer>)")
+            check(t.is_floating_point(), f"{where}: {key} has dtype {t.dtype}, expected a float")
             dirs[int(m.group(1))] = t.float()
-        check(bool(dirs), f"{st} holds no direction.<layer> tensors")
-        known = {k: meta[k] for k in _META_FIELDS if k in meta and k != "layers"}
-        extra = {k: v for k, v in meta.items() if k not in _META_FIELDS}
+        check(bool(dirs), f"{where} holds no direction.<layer> tensors")
+        known = _typed_meta(meta, where)
+        extra = {k: v for k, v in meta.items() if k not in _META_FIELDS and k != SHA_KEY}
         known.setdefault("description", "")
         vec = cls(directions=dirs, extra=extra, **known)
         if lm is not None:

@@ -26,7 +26,7 @@ CSS = """
 
 def build_demo(ctx: AppContext) -> gr.Blocks:
     lm = ctx.lm
-    with gr.Blocks(title="steering lab") as demo:
+    with gr.Blocks(title="steering lab", delete_cache=(3600, 6 * 3600)) as demo:
         gr.Markdown(f"## steering lab · `{lm.name}` · {lm.n_layers} layers, d_model {lm.d_model} · "
                     f"{lm.device.type} {str(lm.dtype).replace('torch.', '')}\n"
                     "Move a strength slider and release it: the steered answer regenerates next to the unsteered "
@@ -41,7 +41,18 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         with gr.Tab("Probes"):
             probes_tab.build(ctx, steer)
         with gr.Tab("Library"):
-            library_tab.build(ctx, steer, sweep)
+            library = library_tab.build(ctx, steer, sweep)
+
+        # Who is visiting: a random id kept in the browser (survives a reload), bound to this gradio
+        # session on page load; saved artifacts are per visitor in per-visitor mode (ui/library.py).
+        visitors = ctx.vectors.visitors
+        visitor = gr.BrowserState(None, storage_key="steering_lab_visitor", secret=visitors.secret())
+
+        def on_visit(held, request: gr.Request):
+            vid = visitors.bind(request.session_hash, held)
+            return vid, *library["refreshed"]()
+
+        demo.load(on_visit, visitor, [visitor, *library["outputs"]], queue=False, api_visibility="private")
 
         @gpu
         @user_errors
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         ensure_embedded_on_spaces()
     lm = load_model(args.model)
     log.info("loaded %s on %s", lm.name, lm.device)
-    demo = build_demo(make_context(lm))
+    ctx = make_context(lm)
+    demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+                max_file_size=ctx.vectors.visitors.limits.max_upload)

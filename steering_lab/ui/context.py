@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model import LoadedModel, cache_root
-from .library import ROOT, ControllerLibrary, ProbeLibrary, VectorLibrary
+from .library import ROOT, ControllerLibrary, ProbeLibrary, VectorLibrary, make_libraries
 
 MODEL_QUEUE = "model"  # concurrency id of every event that runs the model
 
@@ -65,14 +65,14 @@ class AppContext:
 
 
 def make_context(lm: LoadedModel, user_dir: str | os.PathLike | None = None,
-                 shipped_root: str | os.PathLike | None = None) -> AppContext:
+                 shipped_root: str | os.PathLike | None = None, library_mode: str | None = None) -> AppContext:
     """Libraries: shipped ``vectors/``, ``probes/``, ``controllers/`` next to the package (read-only)
-    and the user's under ``$STEERING_LAB_LIBRARY`` (default: the cache dir's ``library``)."""
+    and saved ones under ``$STEERING_LAB_LIBRARY`` (default: the cache dir's ``library``): one shared
+    folder, or one per visitor (``library_mode`` / ``$STEERING_LAB_LIBRARY_MODE``; see ui/library.py)."""
     base = Path(user_dir or os.environ.get("STEERING_LAB_LIBRARY") or cache_root() / "library").expanduser()
     root = Path(shipped_root) if shipped_root is not None else ROOT
-    return AppContext(lm=lm, vectors=VectorLibrary(root / "vectors", base / "vectors"),
-                      probes=ProbeLibrary(root / "probes", base / "probes"),
-                      controllers=ControllerLibrary(root / "controllers", base / "controllers"))
+    vectors, probes, controllers = make_libraries(root, base, library_mode)
+    return AppContext(lm=lm, vectors=vectors, probes=probes, controllers=controllers)
 
 
 def user_errors(fn):

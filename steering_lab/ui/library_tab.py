@@ -101,4 +101,4 @@ def build(ctx: AppContext, steer: dict, sweep: dict) -> dict:
         return f"deleted **{name}**", gr.update(value=False), *refreshed()
 
     delete.click(on_delete, [del_pick, confirm], [del_msg, confirm, *outs], api_visibility="private")
-    return {}
+    return {"outputs": outs, "refreshed": refreshed}  # app.py refreshes these on page load (per-visitor lists)
