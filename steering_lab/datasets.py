@@ -89,6 +89,8 @@ def _jsonl_rows(text: str, where: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where} line {n}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UserError(f"{where} line {n}: JSON nested too deeply") from None
         check(isinstance(row, dict), f"{where} line {n}: expected a JSON object")
         rows.append(row)
     check(bool(rows), f"{where} holds no examples")
@@ -96,6 +98,9 @@ def _jsonl_rows(text: str, where: str) -> list[dict]:
 
 
 def _from_rows(rows: list[dict], name: str, where: str) -> ContrastSet:
+    check(isinstance(rows, list), f"{where}: expected a list of objects with 'positive' and 'negative'")
+    for n, r in enumerate(rows, 1):
+        check(isinstance(r, dict), f"{where} row {n}: expected an object with 'positive' and 'negative'")
     has_prompt = [("prompt" in r and str(r["prompt"]).strip() != "") for r in rows]
     check(all(has_prompt) or not any(has_prompt),
           f"{where}: either every row has a 'prompt' or none does")
@@ -111,43 +116,66 @@ def _from_rows(rows: list[dict], name: str, where: str) -> ContrastSet:
     return ContrastSet(name=name, positive=pos, negative=neg, prompts=prompts if has_prompt[0] else None)
 
 
+def _shown(path: str | os.PathLike) -> str:
+    """How a user file is named in messages: its file name only (an upload's full path is a host path)."""
+    return Path(path).name or str(path)
+
+
 def _read_user_file(path: str | os.PathLike) -> str:
     p = Path(path).expanduser()
-    check(p.is_file(), f"file not found: {p}")
-    check(p.stat().st_size <= MAX_FILE_BYTES, f"{p} is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    check(p.is_file(), f"file not found: {_shown(p)}")
+    check(p.stat().st_size <= MAX_FILE_BYTES, f"{_shown(p)} is larger than {MAX_FILE_BYTES // 2**20} MiB")
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{p} is not UTF-8 text") from None
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{_shown(p)} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    check("\x00" not in text, f"{_shown(p)} contains NUL bytes: is it a text file?")
+    return text
 
 
 def load_jsonl(path: str | os.PathLike, name: str | None = None) -> ContrastSet:
+    """One JSON object per line; a ``.json`` file may also hold one JSON array of such objects."""
     p = Path(path)
-    return _from_rows(_jsonl_rows(_read_user_file(p), str(p)), name or p.stem, str(p))
+    text, where = _read_user_file(p), _shown(p)
+    if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
+        except RecursionError:
+            raise UserError(f"{where}: JSON nested too deeply") from None
+        check(bool(rows), f"{where} holds no examples")
+    else:
+        rows = _jsonl_rows(text, where)
+    return _from_rows(rows, name or p.stem, where)
 
 
 def load_csv(path: str | os.PathLike, name: str | None = None) -> ContrastSet:
     p = Path(path)
-    text = _read_user_file(p)
-    reader = csv.DictReader(text.splitlines())
-    fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-    check("positive" in fields and "negative" in fields,
-          f"{p}: CSV needs a header with 'positive' and 'negative' columns (found {fields})")
-    rows = [{k.strip().lower(): (v or "") for k, v in row.items() if k is not None} for row in reader]
+    text, where = _read_user_file(p), _shown(p)
+    try:
+        reader = csv.DictReader(text.splitlines())
+        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+        check("positive" in fields and "negative" in fields,
+              f"{where}: CSV needs a header with 'positive' and 'negative' columns (found {fields[:8]})")
+        rows = [{k.strip().lower(): (v if isinstance(v, str) else "") for k, v in row.items() if isinstance(k, str)}
+                for row in reader]
+    except csv.Error as exc:
+        raise UserError(f"{where}: not a valid CSV file ({exc})") from None
     rows = [r for r in rows if r.get("positive", "").strip() or r.get("negative", "").strip()]
-    check(bool(rows), f"{p} holds no examples")
+    check(bool(rows), f"{where} holds no examples")
     for r in rows:
         if not r.get("prompt", "").strip():
             r.pop("prompt", None)
-    return _from_rows(rows, name or p.stem, str(p))
+    return _from_rows(rows, name or p.stem, where)
 
 
 def load_text_pair(pos_path: str | os.PathLike, neg_path: str | os.PathLike,
                    name: str | None = None) -> ContrastSet:
     pos = _lines(_read_user_file(pos_path))
     neg = _lines(_read_user_file(neg_path))
-    check(bool(pos), f"{pos_path} holds no examples")
-    check(bool(neg), f"{neg_path} holds no examples")
+    check(bool(pos), f"{_shown(pos_path)} holds no examples (the positive side is empty)")
+    check(bool(neg), f"{_shown(neg_path)} holds no examples (the negative side is empty)")
     return ContrastSet(name=name or Path(pos_path).stem, positive=pos, negative=neg)
 
 
@@ -160,7 +188,8 @@ def load_user(pos: str | os.PathLike, neg: str | os.PathLike | None = None,
             return load_jsonl(pos, name)
         if suffix == ".csv":
             return load_csv(pos, name)
-        raise UserError(f"{pos}: give a .jsonl or .csv file with both classes, or --pos and --neg text files")
+        raise UserError(f"{_shown(pos)}: give a .jsonl or .csv file with both classes, or a positive and a "
+                        "negative text file")
     return load_text_pair(pos, neg, name)
 
 
@@ -211,15 +240,15 @@ def load_prompts(name: str | None = None, path: str | os.PathLike | None = None)
     if name is not None:
         check(name in PROMPT_SETS, f"unknown prompt set {name!r} (choose {', '.join(PROMPT_SETS)})")
         return PROMPT_SETS[name]()
-    text = _read_user_file(path)
+    text, where = _read_user_file(path), _shown(path)
     if str(path).lower().endswith((".jsonl", ".json")):
-        rows = _jsonl_rows(text, str(path))
+        rows = _jsonl_rows(text, where)
         for n, r in enumerate(rows, 1):
             check(isinstance(r.get("prompt"), str) and r["prompt"].strip() != "",
-                  f"{path} row {n}: missing or empty 'prompt'")
+                  f"{where} row {n}: missing or empty 'prompt'")
         return [r["prompt"].strip() for r in rows]
     prompts = _lines(text)
-    check(bool(prompts), f"{path} holds no prompts")
+    check(bool(prompts), f"{where} holds no prompts")
     return prompts
 
 
@@ -255,5 +284,6 @@ def register_preset(name: str, factory) -> None:
 
 
 def load_preset(name: str) -> ContrastSet:
-    check(name in PRESETS, f"unknown preset {name!r} (choose {', '.join(sorted(PRESETS))})")
+    check(isinstance(name, str) and name in PRESETS,
+          f"unknown preset {str(name)[:64]!r} (choose {', '.join(sorted(PRESETS))})")
     return PRESETS[name]()
