@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -240,6 +241,36 @@ class LoadedModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @cached_property
+    def context_length(self) -> int | None:
+        """Longest sequence the model was built for (config, else tokenizer), or None if unknown."""
+        config = self.model.config
+        getter = getattr(config, "get_text_config", None)
+        text_config = getter() if callable(getter) else config
+        sizes = [getattr(text_config, k, None) for k in ("max_position_embeddings", "n_positions", "seq_length")]
+        sizes.append(getattr(self.tokenizer, "model_max_length", None))
+        sizes = [int(n) for n in sizes if isinstance(n, int) and 0 < n < 10_000_000]
+        return min(sizes) if sizes else None
+
+    def fit_prompt(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], str | None]:
+        """Make room for ``max_new_tokens`` in the context: ``(ids, notice)``. A prompt that is too long
+        keeps its first token (BOS / the chat header's first token) and its most recent tokens; the
+        notice says how much was cut (None when nothing was). Raises UserError when the answer alone
+        does not fit."""
+        limit = self.context_length
+        ids = list(ids)
+        check(max_new_tokens >= 1, "max_new_tokens must be at least 1")
+        if limit is None or len(ids) + max_new_tokens <= limit:
+            return ids, None
+        check(max_new_tokens < limit, f"max_new_tokens {max_new_tokens} does not fit in {self.name}'s context of "
+                                      f"{limit} tokens")
+        keep = limit - max_new_tokens
+        fitted = ids[-keep:] if keep < 2 else ids[:1] + ids[len(ids) - (keep - 1):]
+        notice = (f"the prompt was {len(ids)} tokens; {self.name}'s context is {limit} tokens with {max_new_tokens} "
+                  f"kept for the answer, so the prompt was cut to its first token and last {len(fitted) - 1}")
+        log.info(notice)
+        return fitted, notice
+
+    @cached_property
     def cache_kwarg(self) -> str:
         """Name of the KV-cache argument of ``model.forward`` (``cache`` in transformers >= 5.2x)."""
         params = inspect.signature(self.model.forward).parameters
@@ -297,6 +328,40 @@ def embedded_cache_dir() -> Path:
     return cache_root() / "models" / f"{EMBEDDED_NAME}-Q4_1-{gguf.stat().st_size}"
 
 
+def save_cache_dir(cached: Path, write, ready_text: str = "") -> bool:
+    """Atomically publish a cache folder: ``write(tmp)`` fills a private temp folder beside ``cached``,
+    a ``READY`` marker is written last, then one rename makes it visible. Readers trust only folders
+    with ``READY``; a crash leaves at most a ``.tmp-*`` folder (swept here next time) and never a
+    half-written ``cached``. Two processes racing: the first rename wins, the other's copy is dropped.
+    Returns whether ``cached`` is ready. OSError (read-only home, full disk) only logs: still usable."""
+    tmp: Path | None = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        for old in cached.parent.glob(f".tmp-{cached.name}-*"):  # left by a killed writer long ago
+            if time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{cached.name}-", dir=cached.parent))
+        write(tmp)
+        with open(tmp / "READY", "w") as fh:
+            fh.write(ready_text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if (cached / "READY").is_file():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return True
+        if cached.exists():  # not READY: a copy from an older, non-atomic version; move it aside first
+            aside = Path(tempfile.mkdtemp(prefix=f".tmp-{cached.name}-", dir=cached.parent))
+            os.replace(cached, aside / "old")
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(tmp, cached)
+        return True
+    except OSError as exc:
+        log.warning("could not cache %s: %s", cached.name, exc)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return (cached / "READY").is_file()
+
+
 def _load_embedded(device: torch.device, dtype: torch.dtype, device_map: Any, max_memory: Any,
                    kwargs: dict) -> tuple[nn.Module, Any, str]:
     from transformers import AutoTokenizer
@@ -313,20 +378,7 @@ def _load_embedded(device: torch.device, dtype: torch.dtype, device_map: Any, ma
     model = _from_pretrained(str(gguf.parent), gguf.name, torch.device("cpu"), torch.float32, None, None,
                              False, {})
     _clear_quantizer_marks(model)
-    tmp: Path | None = None
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "READY").write_text(str(gguf))
-        if cached.exists():  # a half-written copy from an interrupted run
-            shutil.rmtree(cached, ignore_errors=True)
-        os.replace(tmp, cached)
-    except OSError as exc:  # read-only home, full disk: still usable, just slower next time
-        log.warning("could not cache the embedded model in %s: %s", cached, exc)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    save_cache_dir(cached, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), str(gguf))
     if device_map is not None:
         # Reload from the copy so accelerate can place the blocks itself.
         if (cached / "READY").is_file():
@@ -385,7 +437,9 @@ def load_model(
             model = _from_pretrained(spec, None, target, torch_dtype, device_map, max_memory,
                                      trust_remote_code, from_pretrained_kwargs)
         except OSError as exc:
-            raise UserError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"cannot load model {spec!r}: {first} (no network or no such model? without --model "
+                            f"the embedded {EMBEDDED_NAME} runs offline)") from None
         name, source = spec, spec
     model.eval()
     return LoadedModel.wrap(model, tokenizer, name=name, layers_path=layers_path, source=source)
