@@ -374,6 +374,28 @@ class SteeringVector:
         return vec
 
 
+MAX_ADDED_NORM = 1e6  # strength x direction norm; far past any residual stream (~1-1e3), still finite in fp32/bf16
+WARN_ADDED_NORM = 1e3
+
+
+def check_strength(strength: float, vector: SteeringVector | None = None) -> str | None:
+    """Refuse a strength that is not a finite number or would add a vector of norm above
+    :data:`MAX_ADDED_NORM`; return a warning (else None) when it is beyond a sane bound: more than
+    10x the vector's recommended strength, or an added norm above :data:`WARN_ADDED_NORM`."""
+    check(isinstance(strength, (int, float)) and not isinstance(strength, bool) and math.isfinite(strength),
+          f"strength must be a finite number, got {strength!r}")
+    norm = max(vector.norms().values()) if vector is not None else 1.0
+    added = abs(strength) * norm
+    check(added <= MAX_ADDED_NORM, f"strength {strength:g} is far beyond any useful range: it would add a vector of "
+                                   f"norm {added:.3g} (limit {MAX_ADDED_NORM:g})")
+    rec = vector.recommended_strength if vector is not None else None
+    if rec and abs(strength) > 10 * abs(rec):
+        return f"strength {strength:g} is more than 10x the recommended {rec:g}: expect incoherent text"
+    if added > WARN_ADDED_NORM:
+        return f"strength {strength:g} adds a vector of norm {added:.3g}: expect incoherent text"
+    return None
+
+
 def _ranges(layers: list[int]) -> str:
     if not layers:
         return "none"

@@ -3,8 +3,11 @@ strength, with samples and a random-direction control. All strengths run as one 
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -15,6 +18,41 @@ from ..intervene import OPERATORS
 from ..sweep import run_sweep, write_report
 from .charts import sweep_figure
 from .context import MODEL_QUEUE, AppContext, gpu, user_errors
+
+
+class ReportDirs:
+    """Sweep reports for download: one folder per run under one app-owned temp folder; only the
+    newest ``keep`` are kept (gradio has copied older ones into its own cache by then), and the
+    whole folder goes when the process exits."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._root: Path | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def root(self) -> Path:
+        with self._lock:
+            if self._root is None or not self._root.is_dir():
+                self._root = Path(tempfile.mkdtemp(prefix="steering-lab-reports-"))
+                atexit.register(shutil.rmtree, self._root, True)
+            return self._root
+
+    def new(self) -> Path:
+        root = self.root
+        path = Path(tempfile.mkdtemp(prefix="sweep-", dir=root))
+        with self._lock:
+            runs = sorted(root.glob("sweep-*"), key=lambda d: d.stat().st_mtime_ns)
+            for old in runs[: max(0, len(runs) - self.keep)]:
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def cleanup(self) -> None:
+        with self._lock:
+            if self._root is not None:
+                shutil.rmtree(self._root, ignore_errors=True)
+                self._root = None
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -37,6 +75,7 @@ def results_table(report: dict) -> list[list]:
 
 
 def build(ctx: AppContext, steer: dict) -> dict:
+    reports = ReportDirs()
     names = ctx.compatible_vectors()
     with gr.Row():
         vector = gr.Dropdown(names, value=("refusal_style" if "refusal_style" in names else (names or [None])[0]),
@@ -75,7 +114,7 @@ def build(ctx: AppContext, steer: dict) -> dict:
         report = run_sweep(ctx.lm, vec, values, prompts, layers=layers, operator=op, random_baseline=int(k),
                            max_new_tokens=int(tokens), progress=True,
                            source={"prompt_source": pset, "vector_name": name})
-        out = Path(tempfile.mkdtemp(prefix="sweep-")) / f"sweep_{name}.json"
+        out = reports.new() / f"sweep_{name}.json"
         path, html = write_report(report, out)
         sample_view = {f"{r['strength']:g}": r["samples"] for r in report["results"]}
         return sweep_figure(report), results_table(report), json.loads(json.dumps(sample_view)), [str(path),
@@ -84,4 +123,4 @@ def build(ctx: AppContext, steer: dict) -> dict:
     run.click(on_run, [vector, strengths, operator, layer, prompt_set, custom, limit, random_k, max_tokens],
               [chart, table, samples, files], concurrency_id=MODEL_QUEUE, concurrency_limit=1,
               api_visibility="private")
-    return {"vector": vector}
+    return {"vector": vector, "reports": reports}
