@@ -1,3 +1,5 @@
+"""``python -m steering_lab ...``: the same command line as ``steering-lab``."""
+
 import sys
 
 from .cli import main

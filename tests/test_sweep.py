@@ -83,4 +83,4 @@ def test_sweep_cli(tiny_dir, vec, tmp_path, capsys):
                  "--out", str(tmp_path / "x.json")]) == 2
     assert main(["sweep", "--vector", str(tmp_path / "v"), "--strengths", "1", "--preset", "nope",
                  "--out", str(tmp_path / "x.json")]) == 2
-    assert "unknown prompt set" in capsys.readouterr().err
+    assert "argument --preset: invalid choice: 'nope'" in capsys.readouterr().err

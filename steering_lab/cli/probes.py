@@ -1,67 +1,78 @@
-"""CLI sub-commands ``probe train``, ``probe score`` and ``controller train``."""
+"""``steering-lab probe train|score`` and ``steering-lab controller train``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from .cli import _load, command, contrast_args, contrast_from_args
-from .errors import check
+from ..constants import POOLINGS
+from ..errors import check
+from . import common
 
 
-def add_parsers(sub: argparse._SubParsersAction, model_arg) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     probe = sub.add_parser("probe", help="train or apply a linear probe")
-    psub = probe.add_subparsers(dest="probe_command", required=True, parser_class=type(probe))
+    psub = probe.add_subparsers(dest="probe_command", required=True, metavar="{train,score}",
+                                parser_class=common.Parser)
     p = psub.add_parser("train", help="train a logistic-regression probe with a layer sweep")
-    contrast_args(p)
-    p.add_argument("--pooling", default="last", help="last (default), mean or max over the prompt tokens")
+    common.contrast_args(p)
+    p.add_argument("--pooling", default="last", choices=POOLINGS, help="over the prompt tokens (default: last)")
     p.add_argument("--layer", type=int, default=None, help="train at this layer only (default: sweep all)")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 regularisation strength")
-    model_arg(p)
+    p.add_argument("--C", type=common.finite_float, default=1.0, help="inverse L2 regularisation strength")
+    common.model_args(p)
     p.add_argument("--out", required=True, help="output path (PATH.safetensors + PATH.json)")
+    p.set_defaults(run=run_probe_train)
+
     p = psub.add_parser("score", help="score prompts with a probe")
-    p.add_argument("--probe", required=True)
+    p.add_argument("--probe", required=True, help="a path, or the name of a shipped or saved probe")
     p.add_argument("--prompts", required=True, help="one prompt per line, or jsonl with a 'prompt' field")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt: {\"prompt\", \"score\"}")
-    model_arg(p)
+    common.model_args(p)
+    p.set_defaults(run=run_probe_score)
 
     ctl = sub.add_parser("controller", help="train a lightweight steering controller")
-    csub = ctl.add_subparsers(dest="controller_command", required=True, parser_class=type(ctl))
+    csub = ctl.add_subparsers(dest="controller_command", required=True, metavar="{train}",
+                              parser_class=common.Parser)
     p = csub.add_parser("train", help="train on harmful vs harmless prompts to steer on the first only")
-    p.add_argument("--vector", required=True, help="the behaviour vector to apply (e.g. refusal-style)")
+    p.add_argument("--vector", required=True,
+                   help="the behaviour vector to apply (a path or a name, e.g. refusal_style)")
     p.add_argument("--steer-layers", default=None, help="layers to steer, e.g. 10-14 (default: recommended ±2)")
     p.add_argument("--input-layers", default=None, help="layers the controller reads (default: 3 in 20-40%% of depth)")
-    p.add_argument("--base-strength", type=float, default=None, help="default: the vector's recommended strength")
-    p.add_argument("--epochs", type=int, default=5)
-    model_arg(p)
+    p.add_argument("--base-strength", type=common.finite_float, default=None,
+                   help="default: the vector's recommended strength")
+    p.add_argument("--epochs", type=common.positive_int, default=5)
+    common.model_args(p)
     p.add_argument("--out", required=True, help="output path (PATH.safetensors + PATH.json)")
+    p.set_defaults(run=run_controller_train)
 
 
-@command("probe")
-def _probe(args: argparse.Namespace) -> int:
-    from .datasets import load_prompts
-    from .probes import POOLINGS, Probe, instruction_splits, score_texts_with_probe, sweep_table, train_probe
-    from .vector import base_path
+def run_probe_train(args: argparse.Namespace) -> int:
+    from ..probes import instruction_splits, sweep_table, train_probe
+    from ..vector import base_path
 
-    if args.probe_command == "train":
-        check(args.pooling in POOLINGS, f"unknown pooling {args.pooling!r} (choose {', '.join(POOLINGS)})")
-        out = base_path(args.out)
-        check(out.name != "", "--out needs a file name")
-        contrast = contrast_from_args(args)
-        lm = _load(args)
-        splits = instruction_splits() if args.preset == "harmful" else None
-        probe, rows = train_probe(lm, contrast, pooling=args.pooling, layer=args.layer, splits=splits, C=args.C,
-                                  progress=True)
-        saved = probe.save(out)
-        print(sweep_table(rows, probe.layer))
-        m = probe.metrics
-        where = "bundled test split" if splits else "held-out split (also used to pick the layer)"
-        print(f"best layer: {probe.layer}; {where}: AUROC {m['test_auroc']:.3f}, accuracy {m['test_accuracy']:.3f}")
-        print(f"saved {saved}.safetensors and {saved}.json")
-        return 0
-    probe = Probe.load(args.probe)
+    out = base_path(args.out)
+    check(out.name != "", "--out needs a file name")
+    contrast = common.contrast_from_args(args)
+    lm = common.load_model_from_args(args)
+    splits = instruction_splits() if args.preset == "harmful" else None
+    probe, rows = train_probe(lm, contrast, pooling=args.pooling, layer=args.layer, splits=splits, C=args.C,
+                              progress=True)
+    saved = probe.save(out)
+    print(sweep_table(rows, probe.layer))
+    m = probe.metrics
+    where = "bundled test split" if splits else "held-out split (also used to pick the layer)"
+    print(f"best layer: {probe.layer}; {where}: AUROC {m['test_auroc']:.3f}, accuracy {m['test_accuracy']:.3f}")
+    print(f"saved {saved}.safetensors and {saved}.json")
+    return 0
+
+
+def run_probe_score(args: argparse.Namespace) -> int:
+    from ..datasets import load_prompts
+    from ..probes import Probe, score_texts_with_probe
+
+    probe = Probe.load(common.artifact("probes", args.probe))
     prompts = load_prompts(None, args.prompts)
-    lm = _load(args)
+    lm = common.load_model_from_args(args)
     scores = score_texts_with_probe(lm, probe, prompts, progress=False)
     for prompt, score in zip(prompts, scores):
         if args.json:
@@ -71,18 +82,16 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("controller")
-def _controller(args: argparse.Namespace) -> int:
-    from .controller import train_controller
-    from .datasets import instruction_split
-    from .extract import parse_layers
-    from .vector import SteeringVector, base_path
+def run_controller_train(args: argparse.Namespace) -> int:
+    from ..controller import train_controller
+    from ..datasets import instruction_split
+    from ..extract import parse_layers
+    from ..vector import SteeringVector, base_path
 
     out = base_path(args.out)
     check(out.name != "", "--out needs a file name")
-    check(args.epochs >= 1, "--epochs must be at least 1")
-    vec = SteeringVector.load(args.vector)
-    lm = _load(args)
+    vec = SteeringVector.load(common.artifact("vectors", args.vector))
+    lm = common.load_model_from_args(args)
     vec.check_model(lm)
     rec = vec.recommended_layer if vec.recommended_layer is not None else vec.layers[len(vec.layers) // 2]
     steer_layers = parse_layers(args.steer_layers, lm.n_layers) or [
