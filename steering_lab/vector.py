@@ -73,6 +73,7 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 # checksum does not match, and the loader then uses the metadata inside the tensors file: the
 # previous version, intact. A json with a matching checksum (or none: older files, hand-written
 # ones) is the metadata, so hand edits of the json keep working.
+PICKLED = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy")
 SHA_KEY = "sha256"
 META_KEY = "steering_lab.meta"
 log = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ def read_files(st: Path, js: Path | None, what: str, need_json: bool = True,
 def read_pair(path: str | os.PathLike, what: str, need_json: bool = True,
               label: str | None = None) -> tuple[Path, dict, dict]:
     """``(PATH, tensors, metadata)`` of a safetensors + json pair, with clear errors; never unpickles."""
+    check(Path(path).suffix.lower() not in PICKLED,
+          f"{label or Path(path).name}: pickled formats ({', '.join(PICKLED)}) are never loaded; use .safetensors")
     base = base_path(path)
     raw, meta = read_files(base.with_suffix(".safetensors"), base.with_suffix(".json"), what, need_json, label)
     return base, raw, meta

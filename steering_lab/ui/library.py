@@ -205,6 +205,14 @@ def _file_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def _os_error(exc: OSError, kind: str, name: str) -> UserError:
     """A save that the file system refused, said without host paths."""
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -300,8 +308,8 @@ class ArtifactLibrary:
         if limits.max_bytes is not None:
             after = used - replaced + new_bytes
             check(after <= limits.max_bytes,
-                  f"{who} is full: saving this would use {after / 2**20:.1f} MiB of {limits.max_bytes / 2**20:.0f} "
-                  "MiB; delete some first (the limit is $STEERING_LAB_MAX_MB)")
+                  f"{who} is full: saving this would use {_size(after)} of {_size(limits.max_bytes)}; "
+                  "delete some first (the limit is $STEERING_LAB_MAX_MB)")
 
     # ---- writes -------------------------------------------------------------------------
     def _writable(self) -> Path:
@@ -363,7 +371,7 @@ class ArtifactLibrary:
               f"{what} must be {' or '.join(suffixes)} (pickled formats such as .pt, .bin, .pkl are never loaded)")
         check(src.is_file(), f"the uploaded {what} is missing; upload it again")
         size, limit = src.stat().st_size, self.visitors.limits.max_upload
-        check(size <= limit, f"the uploaded {what} is {size / 2**20:.1f} MiB; the limit is {limit / 2**20:.0f} MiB "
+        check(size <= limit, f"the uploaded {what} is {_size(size)}; the limit is {_size(limit)} "
                              "($STEERING_LAB_MAX_UPLOAD_MB)")
         return src
 
