@@ -547,7 +547,7 @@ def test_a_writer_killed_mid_save_leaves_a_whole_version(tmp_path):
     SteeringVector(directions={k: torch.full((400_000,), 0.0) for k in range(4)}, description="0").save(base)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     seen = set()
-    for delay in (0.05, 0.3, 0.8):
+    for delay in (0.1, 0.7):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(base)], stdout=subprocess.PIPE, env=env)
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(delay)
