@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import check
 
 KINDS = ("vectors", "probes", "controllers", "saes")
+# kinds stored as a folder per artifact (sae-lens format: NAME/cfg.json + weights); the rest are
+# NAME.safetensors + NAME.json pairs
+FOLDER_KINDS = {"saes": "cfg.json"}
 SUFFIXES = (".safetensors", ".json", ".gguf")
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 
@@ -54,7 +57,10 @@ def names(kind: str, *, user: bool = True) -> list[str]:
     found: set[str] = set()
     for folder in (shipped_dir(kind), user_dir(kind) if user else None):
         if folder is not None and folder.is_dir():
-            found.update(f.stem for f in folder.glob("*.safetensors"))
+            if kind in FOLDER_KINDS:
+                found.update(f.parent.name for f in folder.glob(f"*/{FOLDER_KINDS[kind]}"))
+            else:
+                found.update(f.stem for f in folder.glob("*.safetensors"))
     return sorted(found)
 
 
@@ -72,6 +78,12 @@ def find(kind: str, spec: str | os.PathLike) -> Path | None:
     """
     text = os.fspath(spec)
     p = Path(text).expanduser()
+    if kind in FOLDER_KINDS:
+        marker = FOLDER_KINDS[kind]
+        if (p / marker).is_file():
+            return p
+        folders = (shipped_dir(kind), user_dir(kind)) if _is_name(text) else ()
+        return next((d / text for d in folders if (d / text / marker).is_file()), None)
     if p.suffix == ".gguf":  # a llama.cpp control vector: the file itself
         return p if p.is_file() else None
     base = p.with_suffix("") if p.suffix in SUFFIXES else p

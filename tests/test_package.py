@@ -113,6 +113,12 @@ def test_find_by_name_or_path(tmp_path, monkeypatch):
     user.mkdir(parents=True)
     (user / "mine.safetensors").write_bytes(b"x")
     assert resources.find("vectors", "mine") == user / "mine" and "mine" in resources.names("vectors")
+    sae = tmp_path / "lib" / "saes" / "my_sae"  # SAEs are folders (sae-lens format: cfg.json + weights)
+    sae.mkdir(parents=True)
+    assert resources.find("saes", "my_sae") is None
+    (sae / "cfg.json").write_text('{"hook_name": "blocks.3.hook_resid_post", "d_sae": 64}')
+    assert resources.find("saes", "my_sae") == sae and resources.find("saes", str(sae)) == sae
+    assert "my_sae" in resources.names("saes")
     gguf = tmp_path / "v.gguf"
     assert resources.find("vectors", str(gguf)) is None
     gguf.write_bytes(b"x")

@@ -110,3 +110,16 @@ def artifact(kind: str, spec: str) -> str:
     """A ``--vector``/``--probe``/``--controller`` value: a path, or the name of a shipped or saved one."""
     return resources.resolve(kind, spec)
 
+
+def load_vector(spec: str):
+    """A ``--vector`` value as a SteeringVector: our safetensors pair (path or name) or a llama.cpp
+    control-vector ``.gguf``."""
+    path = artifact("vectors", spec)
+    if path.lower().endswith(".gguf"):
+        from ..export import load_gguf
+
+        return load_gguf(path)
+    from ..vector import SteeringVector
+
+    return SteeringVector.load(path)
+

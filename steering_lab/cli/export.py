@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..vector import SteeringVector, base_path
+    from ..vector import base_path
 
-    vec = SteeringVector.load(common.artifact("vectors", args.vector))
+    vec = common.load_vector(args.vector)
     if args.format == "gguf":
         from ..export import export_gguf
 

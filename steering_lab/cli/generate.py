@@ -16,8 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate the same prompt with and without steering and print both.")
     p.add_argument("--prompt", required=True)
     p.add_argument("--vector", action="append", default=[],
-                   help="vector: a path, or the name of a shipped or saved vector (see `steering-lab list`); "
-                        "repeat for several vectors")
+                   help="vector: a path (.safetensors or a llama.cpp .gguf), or the name of a shipped or saved "
+                        "vector (see `steering-lab list`); repeat for several vectors")
     p.add_argument("--strength", action="append", type=common.finite_float, default=[],
                    help="strength for the matching --vector, e.g. -20 (default: its recommended strength)")
     p.add_argument("--layer", action="append", default=[],
@@ -40,14 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def check_steer_args(args: argparse.Namespace) -> list[str]:
     """Validate repeated --vector/--strength/--layer before any model is loaded; returns the paths."""
-    from ..vector import SteeringVector
-
     vectors = [common.artifact("vectors", v) for v in args.vector]
     check(not (args.strength or args.layer) or vectors, "--strength and --layer need a --vector")
     check(len(args.strength) <= len(vectors) or not vectors, "more --strength values than --vector paths")
     check(len(args.layer) <= len(vectors) or not vectors, "more --layer values than --vector paths")
     for path in vectors:  # fail on a bad file before spending seconds on the model
-        SteeringVector.load(path)
+        common.load_vector(path)
     return vectors
 
 
@@ -55,11 +53,10 @@ def steers_from_args(args: argparse.Namespace, lm) -> list:
     """Turn repeated --vector/--strength/--layer into Steer objects (for generate and friends)."""
     from ..extract import parse_layers
     from ..intervene import Steer
-    from ..vector import SteeringVector
 
     steers = []
     for i, path in enumerate(check_steer_args(args)):
-        vec = SteeringVector.load(path)
+        vec = common.load_vector(path)
         vec.check_model(lm)
         layers = parse_layers(args.layer[i], lm.n_layers) if i < len(args.layer) else None
         if i < len(args.strength):

@@ -33,7 +33,8 @@ def items(kind: str) -> list[dict]:
     out = []
     for name in resources.names(kind):
         base = resources.find(kind, name)
-        meta = _meta(base)
+        folder_marker = resources.FOLDER_KINDS.get(kind)
+        meta = _meta(base / folder_marker if folder_marker else base)
         item = {"name": name, "source": "shipped" if base.parent == resources.shipped_dir(kind) else "saved",
                 "model": meta.get("model"), "description": meta.get("description", "")}
         if kind == "vectors":
@@ -42,6 +43,8 @@ def items(kind: str) -> list[dict]:
             item.update(layer=meta.get("layer"), test_auroc=(meta.get("metrics") or {}).get("test_auroc"))
         elif kind == "controllers":
             item.update(steer_layers=meta.get("steer_layers"), base_strength=meta.get("base_strength"))
+        elif kind == "saes":
+            item.update(hook=meta.get("hook_name"), d_sae=meta.get("d_sae"))
         out.append(item)
     return out
 

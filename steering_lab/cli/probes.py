@@ -86,11 +86,11 @@ def run_controller_train(args: argparse.Namespace) -> int:
     from ..controller import train_controller
     from ..datasets import instruction_split
     from ..extract import parse_layers
-    from ..vector import SteeringVector, base_path
+    from ..vector import base_path
 
     out = base_path(args.out)
     check(out.name != "", "--out needs a file name")
-    vec = SteeringVector.load(common.artifact("vectors", args.vector))
+    vec = common.load_vector(args.vector)
     lm = common.load_model_from_args(args)
     vec.check_model(lm)
     rec = vec.recommended_layer if vec.recommended_layer is not None else vec.layers[len(vec.layers) // 2]

@@ -39,13 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from ..datasets import load_prompts
     from ..extract import parse_layers
     from ..sweep import run_sweep, write_report
-    from ..vector import SteeringVector
 
     check(len(set(args.strengths)) == len(args.strengths), "--strengths must not repeat")
     out = Path(args.out)
     check(out.name not in ("", ".json"), "--out needs a file name")
     vector = common.artifact("vectors", args.vector)
-    vec = SteeringVector.load(vector)
+    vec = common.load_vector(vector)
     prompts = load_prompts(args.preset, None) if args.preset else load_prompts(None, args.prompts)
     prompts = prompts[: args.limit] if args.limit else prompts
     lm = common.load_model_from_args(args)
