@@ -7,8 +7,8 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("app", help="start the web app",
-                       description="Start the Gradio web app. Flags not listed here (e.g. --mcp) are passed on "
-                                   "to the app's launcher; see `python app.py --help`.")
+                       description="Start the Gradio web app. Flags not listed here (e.g. --mcp, --api-key KEY, "
+                                   "--no-openai) are passed on to the app's launcher; see `python app.py --help`.")
     p.add_argument("--model", default=None,
                    help="HF id, local dir or .gguf (default: $STEERING_LAB_MODEL, else the embedded SmolLM2)")
     p.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT, else 7860")
