@@ -16,12 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from .activations import pad_left
+from .engine import Control, Request, engine_for
 from .errors import check
-from .generate import _choose, _forward, _new_cache, encode_prompts
-from .intervene import Steer, steer
+from .generate import encode_prompts
+from .intervene import Steer
 from .metrics import kl_from_logits
 from .model import LoadedModel
 from .vector import SteeringVector
@@ -78,25 +76,21 @@ def dynamic_stream(lm: LoadedModel, prompt: str, items: Sequence[tuple[SteeringV
 
     steers = [Steer(v, row_strengths(i, maxima[i]), layers=per[i]) for i, (v, _) in enumerate(items)]
     ids0 = encode_prompts(lm, [prompt], chat=chat, system=system)[0]
-    ids, mask, pos = pad_left([ids0] * rows, lm.pad_id, lm.device)
-    cache = _new_cache(lm)
-    eos = set(lm.eos_ids)
-    out: list[int] = []
     current = list(maxima)  # the first token is steered at full strength
-    with steer(lm, steers) as handle:  # _forward runs in inference mode (no mode held across yields)
-        logits = _forward(lm, ids, mask, pos, cache)
-        for step in range(max_new_tokens):
-            kls = [float(kl_from_logits(logits[1 + i][None, None], logits[n + 1][None, None])[0]) for i in range(n)]
-            nxt = int(_choose(logits[:1], 0.0, 1.0, None)[0])
-            out.append(nxt)
-            done = nxt in eos
-            yield DynamicStep(index=step, text=lm.decode([t for t in out if t not in eos]), token_ids=list(out),
-                              strengths=list(current), kl=kls, done=done)
-            if done or step == max_new_tokens - 1:
-                break
-            current = [m * min(1.0, k / tau) for m, k in zip(maxima, kls)]
-            for i in range(n):
-                handle.set_strength(i, row_strengths(i, current[i]))
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            pos = pos[:, -1:] + 1
-            logits = _forward(lm, torch.full((rows, 1), nxt, device=lm.device), mask, pos, cache)
+
+    def control(ctl: Control) -> None:
+        logits = ctl.logits
+        kls = [float(kl_from_logits(logits[1 + i][None, None], logits[n + 1][None, None])[0]) for i in range(n)]
+        ctl.extra.update(strengths=list(current), kl=kls)  # the strengths that chose this token
+        current[:] = [m * min(1.0, k / tau) for m, k in zip(maxima, kls)]
+        for i in range(n):
+            ctl.set_strength(i, row_strengths(i, current[i]))
+
+    request = Request(prompt_ids=[ids0] * rows, steering=steers, max_new_tokens=max_new_tokens,
+                      follow={r: 0 for r in range(1, rows)}, control=control)
+    for step in engine_for(lm).submit(request):
+        done = step.done[0]
+        yield DynamicStep(index=step.index, text=step.texts[0], token_ids=list(step.token_ids[0]),
+                          strengths=step.extra["strengths"], kl=step.extra["kl"], done=done)
+        if done:
+            return

@@ -1,82 +1,22 @@
-"""Steered generation: batched, streamed, greedy by default.
+"""Steered generation: batched, streamed, greedy by default — thin uses of the decode engine.
 
-Our own decode loop (prefill + one token per step with a KV cache) rather than
-``model.generate``: it streams token by token, stops cleanly when the consumer goes away
-(the steering hooks are removed by the ``steer`` context on ``GeneratorExit``), and accepts
-per-row strengths so a whole strength sweep - or baseline and steered side by side - is one batch.
+Every path decodes through ``engine.Engine`` (one loop for the whole package): it streams token by
+token, retires a request when its consumer goes away (closing the iterator cancels it), accepts
+per-row strengths so a whole strength sweep - or baseline and steered side by side - is one batch,
+and shares its running batch with every other request on the same model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from functools import lru_cache
 
-import torch
-
-from .activations import pad_left
+from .engine import Request, Step, engine_for, forward_accepts
 from .errors import check
-from .intervene import Steer, capture, steer
+from .intervene import Steer
 from .model import LoadedModel
 
-
-@dataclass
-class Step:
-    """One decode step: the new token of each row, and each row's text so far.
-
-    ``monitor[name][row]`` is the value of each monitor on the residual stream at the position
-    that chose this step's token (the last prompt token for step 0).
-    """
-
-    index: int
-    tokens: list[int]
-    texts: list[str]
-    done: list[bool]
-    token_ids: list[list[int]]
-    monitor: dict[str, list[float]] = field(default_factory=dict)
-    logits: torch.Tensor | None = None  # [B, V] float32 that chose this step's tokens (want_logits=True)
-
-
-@lru_cache(maxsize=32)
-def _forward_accepts(cls: type, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(cls.forward).parameters
-
-
-def _new_cache(lm: LoadedModel):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=lm.model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
-
-
-def _forward(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-    kwargs = {lm.cache_kwarg: cache, "use_cache": True}
-    if _forward_accepts(type(lm.model), "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
-    # inference mode per forward, not around a generator's yields: grad mode is thread-local and a
-    # streaming consumer (Gradio) may resume the generator on another thread
-    with torch.inference_mode():
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
-    # a model split across devices returns logits on its last device
-    return out.logits[:, -1].float().to(lm.device)
-
-
-def _choose(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    pick = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1)
-    return pick.to(logits.device)
+__all__ = ["Step", "encode_prompts", "stream", "final", "generate", "generate_ids", "sweep_generate",
+           "forward_accepts"]
 
 
 def encode_prompts(lm: LoadedModel, prompts: Sequence[str], *, chat: bool = True,
@@ -92,14 +32,14 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
            chat: bool = True, system: str | None = None, prompt_ids: Sequence[Sequence[int]] | None = None,
            monitors: Sequence = (), prompt_len: int | None = None, follow: dict[int, int] | None = None,
            want_logits: bool = False) -> Iterator[Step]:
-    """Yield one :class:`Step` per generated token for a batch of prompts.
+    """Yield one :class:`Step` per generated token for a batch of prompts (one engine request).
 
     ``steering`` strengths may be per row (one per prompt). ``monitors`` (see ``monitor.py``) are
-    read on the steered residual stream at every step. ``prompt_len`` moves the boundary that the
-    ``prompt``/``generated`` scopes use (default: the padded prompt length). ``follow={i: j}`` feeds
-    row ``i`` the tokens that row ``j`` chooses (a "shadow" row: e.g. the unsteered model reading the
-    steered text, for live KL and perplexity). Closing the generator early removes every hook (it
-    runs inside ``steer`` and ``capture``).
+    read on the steered residual stream at every step. ``prompt_len`` moves the boundary (a position
+    id) that the ``prompt``/``generated`` scopes use (default: each row's prompt length).
+    ``follow={i: j}`` feeds row ``i`` the tokens that row ``j`` chooses (a "shadow" row: e.g. the
+    unsteered model reading the steered text, for live KL and perplexity). Closing the generator
+    early cancels the request (its rows leave the batch at the next step; no hook stays behind).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -108,41 +48,10 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
     seqs = [list(s) for s in prompt_ids] if prompt_ids is not None else encode_prompts(
         lm, prompts, chat=chat, system=system)
     items = [steering] if isinstance(steering, Steer) else list(steering)
-    ids, mask, pos = pad_left(seqs, lm.pad_id, lm.device)
-    n = len(seqs)
-    eos = torch.as_tensor(lm.eos_ids or (-1,), device=lm.device)
-    gen = torch.Generator().manual_seed(seed) if (temperature > 0 and seed is not None) else None
-    out_ids: list[list[int]] = [[] for _ in range(n)]
-    done = torch.zeros(n, dtype=torch.bool, device=lm.device)
-    cache = _new_cache(lm)
-    context = steer(lm, items, prompt_len=prompt_len) if items else nullcontext()
-    watch = sorted({m.layer for m in monitors})
-    # registered after the steering hooks, so monitors read the steered stream
-    reading = capture(lm, watch, fn=lambda k, h: h[:, -1].float()) if watch else nullcontext()
-    with context, reading as cap:
-        logits = _forward(lm, ids, mask, pos, cache)
-        for step in range(max_new_tokens):
-            nxt = _choose(logits, temperature, top_p, gen)
-            for i, j in (follow or {}).items():
-                nxt[i] = nxt[j]
-            nxt = torch.where(done, eos[0].expand_as(nxt), nxt)
-            for i in range(n):
-                if not bool(done[i]):
-                    out_ids[i].append(int(nxt[i]))
-            done = done | torch.isin(nxt, eos)
-            texts = [lm.decode([t for t in row if t not in lm.eos_ids]) for row in out_ids]
-            values = {}
-            if watch:
-                values = {m.name: m.read(cap.outputs[m.layer][-1]).cpu().tolist() for m in monitors}
-                cap.clear()
-            yield Step(index=step, tokens=nxt.tolist(), texts=texts, done=done.tolist(),
-                       token_ids=[list(r) for r in out_ids], monitor=values,
-                       logits=logits if want_logits else None)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            pos = pos[:, -1:] + 1
-            logits = _forward(lm, nxt[:, None], mask, pos, cache)
+    request = Request(prompt_ids=seqs, steering=items, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_p=top_p, seed=seed, monitors=list(monitors), follow=follow, want_logits=want_logits,
+                      prompt_len=prompt_len)
+    yield from engine_for(lm).submit(request)
 
 
 def final(steps: Iterator[Step]) -> Step:

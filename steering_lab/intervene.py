@@ -4,6 +4,9 @@
 decoder block's output ``h`` is transformed by the interventions that target it, and on every exit
 path (normal, exception, generator closed mid-stream) every hook is removed.
 
+Hooks act only on forward passes run by the thread that attached them: a forward pass on another
+thread (the decode engine serving other users, an extraction) sees the model unsteered.
+
 Operators on a direction ``v`` (``u = v / |v|``) with per-row strength ``s``:
 
 * ``add``    ``h + s * v``                                   (s = 0 is the identity)
@@ -22,6 +25,7 @@ pass of the block (the prefill) unless given.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,11 +75,14 @@ class _PositionState:
     """Where in the sequence the current forward pass starts (for prompt/generated scopes)."""
 
     def __init__(self, prompt_len: int | torch.Tensor | None) -> None:
+        self.thread = threading.get_ident()
         self.fixed = prompt_len is not None
         self.prompt_len = prompt_len
         self.offset = 0
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if threading.get_ident() != self.thread:
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -168,8 +175,11 @@ class _LayerHook:
     def __init__(self, ops: list[_Op], positions: _PositionState | None) -> None:
         self.ops = ops
         self.positions = positions
+        self.thread = threading.get_ident()
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if threading.get_ident() != self.thread:
+            return output  # another thread's forward pass (e.g. the engine or an extraction) is not ours
         h = output[0] if isinstance(output, tuple) else output
         for op in self.ops:
             h = op.apply(h, self.positions)
@@ -288,8 +298,11 @@ def project_out(modules: Sequence[nn.Module], direction: torch.Tensor, strength:
     check(d32.dim() == 1 and float(d32.norm()) > 0, "ablation needs a non-zero 1-D direction")
     unit = d32 / d32.norm()
     cache: dict[torch.device, torch.Tensor] = {}
+    owner = threading.get_ident()
 
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if threading.get_ident() != owner:
+            return output
         h = output[0] if isinstance(output, tuple) else output
         u = cache.get(h.device)
         if u is None:
@@ -354,9 +367,12 @@ def capture(target: Any, layers: Sequence[int] | None = None, *, stop_early: boo
     cap = Capture(model=model, layers=wanted, stop_early=stop_early, outputs={k: [] for k in wanted})
     last = wanted[-1] if wanted else None
     handles = []
+    owner = threading.get_ident()
 
     def make_hook(k: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if threading.get_ident() != owner:
+                return
             h = output[0] if isinstance(output, tuple) else output
             h = h.detach()
             if fn is not None:
@@ -383,3 +399,152 @@ def hook_count(model: nn.Module) -> int:
     for m in model.modules():
         total += len(m._forward_hooks) + len(m._forward_pre_hooks)
     return total
+
+
+# ---- per-row steering for a batch of independent requests (used by the decode engine) --------
+
+OPCODES = {"add": 1, "ablate": 2, "clamp": 3, "rotate": 4, "transform": 5}
+NO_END = 1 << 62
+
+
+@dataclass
+class RowOp:
+    """One intervention on one batch row: a direction at one layer, its strength, operator and the
+    range of positions ``[start, end)`` (position ids) where it acts."""
+
+    direction: torch.Tensor
+    strength: float
+    operator: str = "add"
+    start: int = 0
+    end: int = NO_END
+    transform: Any = None
+
+
+class Slot:
+    """The ``j``-th intervention at one layer for every row of a batch, as device tensors: a row
+    without one has opcode 0 (left exactly as it is). Strengths live in ``strength`` (updated in place)."""
+
+    def __init__(self, ops: Sequence[RowOp | None], device: torch.device, dtype: torch.dtype, width: int) -> None:
+        n = len(ops)
+        self.opcode = torch.tensor([OPCODES[o.operator] if o is not None else 0 for o in ops], dtype=torch.long,
+                                   device=device)
+        self.present = {o.operator for o in ops if o is not None}
+        vecs = torch.zeros((n, width), dtype=torch.float32)
+        for i, o in enumerate(ops):
+            if o is not None and o.operator != "transform":
+                vecs[i] = o.direction.detach().float().cpu()
+        self.vec = vecs.to(device=device, dtype=dtype)[:, None, :]  # add uses the raw vector, in the model's dtype
+        unit = vecs.clone()
+        for i, o in enumerate(ops):
+            if o is not None and o.operator not in ("add", "transform"):
+                norm = unit[i].norm()
+                check(float(norm) > 0, f"cannot {o.operator} along a zero direction")
+                unit[i] = unit[i] / norm
+        self.unit = unit.to(device)[:, None, :]
+        self.strength = torch.tensor([o.strength if o is not None else 0.0 for o in ops], dtype=torch.float32,
+                                     device=device)
+        self.start = torch.tensor([o.start if o is not None else 0 for o in ops], dtype=torch.long, device=device)
+        self.end = torch.tensor([o.end if o is not None else NO_END for o in ops], dtype=torch.long, device=device)
+        self.scoped = any(o is not None and (o.start > 0 or o.end < NO_END) for o in ops)
+        self.transforms = [(i, o.transform) for i, o in enumerate(ops) if o is not None and o.operator == "transform"]
+
+    def apply(self, h: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        c = self.strength.view(-1, 1, 1)
+        new = h
+        if "add" in self.present:
+            new = torch.where((self.opcode == 1).view(-1, 1, 1), h + c.to(h.dtype) * self.vec.to(h.dtype), new)
+        if self.present & {"ablate", "clamp", "rotate"}:
+            h32 = h.float()
+            proj = (h32 * self.unit).sum(-1, keepdim=True)
+            if "ablate" in self.present:
+                out = (h32 - c * proj * self.unit).to(h.dtype)
+                new = torch.where(((self.opcode == 2) & (self.strength != 0)).view(-1, 1, 1), out, new)
+            if "clamp" in self.present:
+                out = (h32 + (c - proj) * self.unit).to(h.dtype)
+                new = torch.where((self.opcode == 3).view(-1, 1, 1), out, new)
+            if "rotate" in self.present:
+                out = _rotate(h32, proj, self.unit, c).to(h.dtype)
+                new = torch.where(((self.opcode == 4) & (self.strength != 0)).view(-1, 1, 1), out, new)
+        for i, fn in self.transforms:
+            out = fn(h[i:i + 1], c[i:i + 1])
+            check(out.shape == h[i:i + 1].shape, f"transform returned shape {tuple(out.shape)}")
+            new = new.clone() if new is h else new
+            new[i:i + 1] = out.to(h.dtype)
+        if self.scoped and pos is not None:
+            inside = (pos >= self.start[:, None]) & (pos < self.end[:, None])
+            new = torch.where(inside[..., None], new, h)
+        return new
+
+
+class BatchPlan:
+    """Per-row steering of a batch: ``slots[k]`` are applied in order to the output of block ``k``.
+    ``positions`` (``[B, T]`` position ids of the current forward pass) is set by the caller."""
+
+    def __init__(self, slots: dict[int, list[Slot]]) -> None:
+        self.slots = slots
+        self.positions: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, target: Any, rows: Sequence[Sequence[tuple[int, RowOp]]]) -> BatchPlan:
+        """``rows[i]``: the ``(layer, op)`` pairs of row ``i``, in the order they apply."""
+        model, layers = _resolve_model(target)
+        width = _width(model)
+        per_layer: dict[int, list[list[RowOp | None]]] = {}
+        for i, items in enumerate(rows):
+            seen: dict[int, int] = {}
+            for k, op in items:
+                check(0 <= k < len(layers), f"layer {k} is out of range: the model has {len(layers)} blocks "
+                                            f"(layers 0-{len(layers) - 1})")
+                if op.operator != "transform":
+                    check(op.direction.shape[-1] == width,
+                          f"direction for layer {k} has width {op.direction.shape[-1]} but the model's is {width}")
+                j = seen.get(k, 0)
+                seen[k] = j + 1
+                table = per_layer.setdefault(k, [])
+                while len(table) <= j:
+                    table.append([None] * len(rows))
+                table[j][i] = op
+        slots = {}
+        for k, table in sorted(per_layer.items()):
+            block = layers[k]
+            device = next((p.device for p in block.parameters()), torch.device("cpu"))
+            dtype = _block_dtype(block, torch.float32)
+            slots[k] = [Slot(ops, device, dtype, width) for ops in table]
+        return cls(slots)
+
+    def set_strength(self, layer: int, slot: int, row: int, value: float) -> None:
+        self.slots[layer][slot].strength[row] = float(value)
+
+
+class _PlanHook:
+    def __init__(self, plan: BatchPlan, k: int) -> None:
+        self.plan, self.k, self.thread = plan, k, threading.get_ident()
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if threading.get_ident() != self.thread:
+            return output
+        h = output[0] if isinstance(output, tuple) else output
+        pos = self.plan.positions
+        if pos is not None and pos.device != h.device:
+            pos = pos.to(h.device)
+        for slot in self.plan.slots[self.k]:
+            h = slot.apply(h, pos)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+@contextmanager
+def steer_batch(target: Any, plan: BatchPlan | None) -> Iterator[BatchPlan | None]:
+    """Apply ``plan`` (per-row steering) to forward passes run by this thread inside the block;
+    every hook is removed on exit."""
+    if plan is None or not plan.slots:
+        yield plan
+        return
+    _, layers = _resolve_model(target)
+    handles = []
+    try:
+        for k in plan.slots:
+            handles.append(layers[k].register_forward_hook(_PlanHook(plan, k)))
+        yield plan
+    finally:
+        for h in handles:
+            h.remove()

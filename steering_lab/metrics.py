@@ -130,10 +130,10 @@ class TextScores:
 
 def _teacher_forced(lm: LoadedModel, seqs: list[list[int]], steering: Sequence[Steer], keep: int) -> torch.Tensor:
     """Logits of the last ``keep`` positions (left-padded batch), float32 on the CPU."""
-    from .generate import _forward_accepts
+    from .engine import forward_accepts
 
     ids, mask, pos = pad_left(seqs, lm.pad_id, lm.device)
-    kwargs = {"logits_to_keep": keep} if _forward_accepts(type(lm.model), "logits_to_keep") else {}
+    kwargs = {"logits_to_keep": keep} if forward_accepts(lm.model, "logits_to_keep") else {}
     ctx = steer(lm, list(steering)) if steering else nullcontext()
     with torch.inference_mode(), ctx:
         logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs).logits

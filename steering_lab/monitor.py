@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .activations import pad_left
+from .engine import Control, Request, engine_for
 from .errors import check
-from .generate import _choose, _forward, _new_cache, encode_prompts
+from .generate import encode_prompts
 from .intervene import Steer, capture, steer
 from .model import LoadedModel
 from .probes import Probe
@@ -94,45 +94,32 @@ def steer_when_needed(lm: LoadedModel, prompt: str, steering: Steer | Sequence[S
     check(backtrack >= 0, "backtrack must be >= 0")
     items = [steering] if isinstance(steering, Steer) else list(steering)
     check(bool(items), "steer_when_needed needs something to steer with")
-    off = [Steer(s.vector, 0.0, layers=s.layers, operator=s.operator, scope=s.scope) for s in items]
+    off = [Steer(s.vector, 0.0, layers=s.layers, operator=s.operator, scope=s.scope, transform=s.transform)
+           for s in items]
     on_strengths = [s.strength for s in items]
     prompt_ids = encode_prompts(lm, [prompt], chat=chat, system=system)[0]
-    ids, mask, pos = pad_left([prompt_ids], lm.pad_id, lm.device)
-    cache = _new_cache(lm)
-    out: list[int] = []
+    watch = ProbeMonitor(name="__needed__", layer=probe.layer, probe=probe)
     scores: list[float] = []
-    triggered = None
+    triggered: list[int] = []
+
+    def control(ctl: Control) -> None:
+        score = float(ctl.monitor[watch.name][0])
+        if not triggered and score > threshold:
+            # switch the steering on in place, drop the last tokens and re-run from there
+            triggered.append(ctl.step)
+            for i, s in enumerate(on_strengths):
+                ctl.set_strength(i, s)
+            keep = max(0, ctl.step - backtrack)
+            del scores[keep:]
+            ctl.rewind(ctl.step - keep)
+            return
+        scores.append(score)
+
+    request = Request(prompt_ids=[prompt_ids], steering=off, max_new_tokens=max_new_tokens, monitors=[watch],
+                      control=control, exclusive=True)
+    last = engine_for(lm).submit(request).result()
+    out = last.token_ids[0]
     eos = set(lm.eos_ids)
-    with torch.inference_mode(), steer(lm, off) as handle, \
-            capture(lm, [probe.layer], fn=lambda k, h: h[:, -1].float()) as cap:
-        logits = _forward(lm, ids, mask, pos, cache)
-        while len(out) < max_new_tokens:
-            score = float(probe.score(cap.outputs[probe.layer][-1])[0])
-            cap.clear()
-            if triggered is None and score > threshold:
-                triggered = len(out)
-                for i, s in enumerate(on_strengths):
-                    handle.set_strength(i, s)
-                keep = max(0, len(out) - backtrack)
-                out, scores = out[:keep], scores[:keep]
-                remove = cache.get_seq_length() - (len(prompt_ids) + keep - 1)  # keep all before the re-run
-                if remove > 0:
-                    cache.crop(-remove)  # negative = tokens to drop, in old and new transformers alike
-                # re-run the last kept position (or the last prompt token) with steering on
-                last = out[-1] if out else prompt_ids[-1]
-                n = len(prompt_ids) + len(out)
-                logits = _forward(lm, torch.tensor([[last]], device=lm.device),
-                                  torch.ones((1, n), dtype=torch.long, device=lm.device),
-                                  torch.tensor([[n - 1]], device=lm.device), cache)
-                continue
-            nxt = int(_choose(logits, 0.0, 1.0, None)[0])
-            out.append(nxt)
-            scores.append(score)
-            if nxt in eos:
-                break
-            n = len(prompt_ids) + len(out)
-            logits = _forward(lm, torch.tensor([[nxt]], device=lm.device),
-                              torch.ones((1, n), dtype=torch.long, device=lm.device),
-                              torch.tensor([[n - 1]], device=lm.device), cache)
     text = lm.decode([t for t in out if t not in eos])
-    return NeededResult(text=text, token_ids=out, triggered_at=triggered, scores=scores)
+    return NeededResult(text=text, token_ids=out, triggered_at=triggered[0] if triggered else None,
+                        scores=scores[:len(out)])

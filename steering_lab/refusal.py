@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from .activations import pad_left
 from .datasets import ContrastSet, instruction_split, refusal_responses
+from .engine import forward_accepts
 from .errors import UserError, check
-from .generate import _forward_accepts
 from .intervene import Steer, capture, project_out, steer
 from .metrics import distinct_n, is_refusal
 from .model import LoadedModel, _get_attr_path
@@ -174,7 +174,7 @@ def _last_logits(lm: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int
                  batch_size: int = 48) -> torch.Tensor:
     """Next-token logits after each prompt (text, or already encoded ids), float32 on the CPU."""
     seqs_all = [lm.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
-    kwargs = {"logits_to_keep": 1} if _forward_accepts(type(lm.model), "logits_to_keep") else {}
+    kwargs = {"logits_to_keep": 1} if forward_accepts(lm.model, "logits_to_keep") else {}
     out = []
     for i in range(0, len(seqs_all), batch_size):
         ids, mask, pos = pad_left(seqs_all[i:i + batch_size], lm.pad_id, lm.device)

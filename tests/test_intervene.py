@@ -107,12 +107,17 @@ def test_hooks_removed_when_error_raised_inside_forward(tiny):
     assert hook_count(tiny.model) == before
 
 
-def test_hooks_removed_when_stream_is_abandoned(tiny):
+def test_no_hook_between_steps_and_abandoned_stream_leaves_the_batch(tiny):
+    from steering_lab.engine import engine_for
+
     before = hook_count(tiny.model)
     gen = stream(tiny, PROMPTS[:1], Steer(rand_dir(tiny), 1.0, layers=[1]), max_new_tokens=20)
     next(gen)
-    assert hook_count(tiny.model) == before + 1
+    assert hook_count(tiny.model) == before  # hooks live only inside the engine's own forward passes
+    assert engine_for(tiny).active_rows == 1
     gen.close()  # what the app does when a newer slider value cancels a stream
+    engine_for(tiny).step()  # the next step boundary retires the row
+    assert engine_for(tiny).active_rows == 0 and engine_for(tiny).idle
     assert hook_count(tiny.model) == before
 
 
@@ -167,7 +172,13 @@ def test_rotate_preserves_norm_and_turns_by_angle(tiny):
 def test_scopes_prompt_and_generated(tiny):
     """Capture before (pre) and after (post) the steering hook on the same block; the difference
     is what the hook added, checked on the prefill and on a cached decode step."""
-    from steering_lab.generate import _forward, _new_cache
+    from transformers import DynamicCache
+
+    def _forward(lm, ids, mask, pos, cache):
+        return lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+
+    def _new_cache(lm):
+        return DynamicCache(config=lm.model.config)
 
     v = rand_dir(tiny)
     seqs = [tiny.encode_prompt(PROMPTS[0])]
