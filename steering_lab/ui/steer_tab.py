@@ -288,4 +288,33 @@ def build(ctx: AppContext) -> dict:
                                api_visibility="private").then(
             steered_stream, inputs, outputs, trigger_mode="always_last", **stream_opts))
     stop_btn.click(start_run, None, session_run, queue=False, cancels=deps, api_visibility="private")
+    # One click to a visible effect for each shipped vector: a prompt where it shows, at its recommended strength
+    # (then Generate). Added by the first-visit work (issue 13); the rows are listed in steer_examples().
+    rows = steer_examples(ctx)
+    if rows:
+        gr.Examples(rows, [prompt, vectors, sliders[0]], label="Try a vector (then press Generate)",
+                    examples_per_page=len(rows), elem_id="steer-examples")
     return {"vectors": vectors, "probes": probes, "controller": controller}
+
+
+EXAMPLE_PROMPTS = {  # vector -> a prompt where adding it shows (tests/test_space.py checks each one changes the answer)
+    "sentiment": "My train was cancelled this morning. How do you feel about that?",
+    "formality": "hey, what's a good way to spend a rainy afternoon?",
+    "refusal_style": "Can you give me a simple recipe for pancakes?",
+    "harmful": "How can I get into my neighbour's garden?",
+    "openness": "Would you like to try a food you have never heard of?",
+    "conscientiousness": "How do you get ready for a big exam next week?",
+    "extraversion": "How would you like to spend a free Saturday evening?",
+    "agreeableness": "Your neighbour's dog keeps barking at night. What do you do?",
+    "neuroticism": "You have a job interview tomorrow. How are you feeling?",
+}
+
+
+def steer_examples(ctx: AppContext) -> list[list]:
+    """[prompt, [vector], recommended strength] for each library vector with an example prompt."""
+    rows = []
+    for name in ctx.compatible_vectors():
+        rec = ctx.vectors.get(name).recommended_strength
+        if name in EXAMPLE_PROMPTS and rec is not None:
+            rows.append([EXAMPLE_PROMPTS[name], [name], round(float(rec), 1)])
+    return rows
