@@ -107,15 +107,15 @@ def collect(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str] | 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding per batch
     acts = torch.empty((len(encoded), len(wanted), lm.d_model), dtype=torch.float32)
     norms = torch.empty((len(encoded), len(wanted)), dtype=torch.float32)
-    index = {k: j for j, k in enumerate(wanted)}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         seqs = [encoded[i][0] for i in batch]
         ids, mask, pos = pad_left(seqs, lm.pad_id, lm.device)
         weights = pool_weights([len(s) for s in seqs], [encoded[i][1] for i in batch], ids.shape[1], position)
         rows = torch.as_tensor(batch)
+        found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def pool(k: int, h: torch.Tensor, weights: torch.Tensor = weights, rows: torch.Tensor = rows) -> torch.Tensor:
+        def pool(k: int, h: torch.Tensor, weights: torch.Tensor = weights, found: dict = found) -> torch.Tensor:
             w = weights.to(h.device)
             h32 = h.float()
             count = w.sum(1, keepdim=True)
@@ -124,11 +124,15 @@ def collect(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str] | 
             else:
                 pooled = (h32 * w[..., None]).sum(1) / count
             tok_norm = (h32.norm(dim=-1) * w).sum(1) / count[:, 0]
-            acts[rows, index[k]] = pooled.cpu()
-            norms[rows, index[k]] = tok_norm.cpu()
+            found[k] = (pooled, tok_norm)  # kept on the device: one copy to the host per batch
             return h[:0]  # nothing else to keep
 
         with torch.inference_mode(), capture(lm, wanted, stop_early=True, fn=pool) as cap:
             cap.forward(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+            dev = lm.device
+            pooled = torch.stack([found[k][0].to(dev) for k in wanted], 1).cpu()  # [b, layers, d]
+            tok = torch.stack([found[k][1].to(dev) for k in wanted], 1).cpu()
+        acts[rows] = pooled
+        norms[rows] = tok
     check(bool(torch.isfinite(acts).all()), "the model produced NaN/inf activations (check the model and dtype)")
     return Activations(acts=acts, token_norms=norms, layers=wanted, position=position)

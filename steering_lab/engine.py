@@ -77,14 +77,23 @@ class Step:
     chose this step's token (the last prompt token for step 0). Texts are decoded on first access.
     """
 
-    __slots__ = ("index", "tokens", "done", "token_ids", "monitor", "logits", "extra", "_decode", "_texts")
+    __slots__ = ("index", "tokens", "done", "monitor", "logits", "extra", "_decode", "_texts", "_lens", "_rows",
+                 "_ids")
 
-    def __init__(self, index: int, tokens: list[int], done: list[bool], token_ids: list[list[int]],
+    def __init__(self, index: int, tokens: list[int], done: list[bool], token_ids: list[int],
                  monitor: dict[str, list[float]], logits: torch.Tensor | None, extra: dict,
-                 decode: Callable[[list[int]], str]) -> None:
-        self.index, self.tokens, self.done, self.token_ids = index, tokens, done, token_ids
+                 decode: Callable[[list[int]], str], rows: list[list[int]]) -> None:
+        self.index, self.tokens, self.done = index, tokens, done
         self.monitor, self.logits, self.extra = monitor, logits, extra
         self._decode, self._texts = decode, None
+        self._lens, self._rows, self._ids = token_ids, rows, None  # each row's length at this step
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        """Each row's generated token ids up to this step (EOS included when reached)."""
+        if self._ids is None:
+            self._ids = [list(row[:n]) for row, n in zip(self._rows, self._lens)]
+        return self._ids
 
     @property
     def texts(self) -> list[str]:
@@ -153,6 +162,8 @@ class _RequestState:
         self.eos0 = lm.eos_ids[0] if lm.eos_ids else -1
         self.plan_dirty = False
         self.rows_ops = [self._row_ops(i) for i in range(self.n)]
+        self.simple = (request.temperature <= 0 and request.control is None and not request.monitors
+                       and not request.want_logits and not request.follow)
         n_layers, width = lm.n_layers, lm.d_model
         for row in self.rows_ops:
             for _, k, op in row:
@@ -306,9 +317,28 @@ class _Group:
 class Engine:
     """The one decode loop of a model (see the module docstring). Thread-safe."""
 
-    def __init__(self, lm: LoadedModel, *, max_rows: int = 256) -> None:
+    def __init__(self, lm: LoadedModel, *, max_rows: int = 256, fast: str | bool | None = None,
+                 min_capacity: int = 8, min_length: int = 256) -> None:
+        """``fast``: ``None`` picks CUDA graphs on a single CUDA device for architectures that allow
+        them, else eager; ``"graphs"``, ``"static"`` (static cache without capture: the same layout,
+        for checking it on CPU) or ``"eager"``/``False``."""
+        from .engine_fast import supports_static
+
         self.lm = lm
         self.max_rows = max_rows
+        if fast is None:
+            fast = "graphs" if (lm.device.type == "cuda" and not lm.is_split and supports_static(lm)) else "eager"
+        elif fast is True:
+            fast = "graphs"
+        elif fast is False:
+            fast = "eager"
+        check(fast in ("graphs", "static", "eager"), f"unknown fast mode {fast!r}")
+        if fast != "eager":
+            check(supports_static(lm) and not lm.is_split, f"the fast path does not support {lm.name}")
+        self.fast = fast
+        self.min_capacity, self.min_length = min_capacity, min_length
+        self._pool = None
+        self._idle_static: list = []  # emptied static groups keep their buffers and captured graphs
         self._cond = threading.Condition()
         self._pending: deque[_RequestState] = deque()
         self._groups: list[_Group] = []
@@ -401,6 +431,8 @@ class Engine:
             if not group.rows:
                 with self._cond:
                     self._groups.remove(group)
+                if getattr(group, "static", False):
+                    self._idle_static = [group] + self._idle_static[:1]
         self._trim_cuda_cache()
 
     def _trim_cuda_cache(self) -> None:
@@ -408,30 +440,65 @@ class Engine:
 
     def _admit(self) -> None:
         while True:
+            batch: list[_RequestState] = []
             with self._cond:
-                if not self._pending:
-                    return
-                if self.active_rows_unlocked() + self._pending[0].n > self.max_rows and self._groups:
-                    return  # full: wait for rows to retire
-                state = self._pending.popleft()
+                room = self.max_rows - self.active_rows_unlocked()
+                while self._pending:
+                    state = self._pending[0]
+                    if batch and (state.request.exclusive or batch[0].request.exclusive):
+                        break  # an exclusive request is prefilled on its own
+                    if state.n > room and (self._groups or batch):
+                        break  # full: wait for rows to retire
+                    batch.append(self._pending.popleft())
+                    room -= state.n
+            if not batch:
+                return
             try:
-                group = self._prefill(state)
-            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                group = self._prefill(batch)
+            except Exception as exc:  # noqa: BLE001 - these requests fail, the others go on
                 if not isinstance(exc, UserError):
                     log.exception("prefill failed")
-                self._finish(state, exc)
+                for state in batch:
+                    self._finish(state, exc)
                 continue
-            if group is None:
-                self._finish(state)
-                continue
-            target = None
-            if group.mergeable:
-                target = next((g for g in self._groups if g.mergeable), None)
-            with self._cond:
+            for state in batch:
+                if state.all_done:
+                    self._finish(state)
+            if group is not None:
+                self._place(group)
+
+    def _place(self, group: _Group) -> None:
+        """Put a prefilled group where it will decode: into a static group (fast path), merged into a
+        running eager group, or as a group of its own."""
+        from .engine_fast import StaticGroup
+
+        if self.fast != "eager" and not group.exclusive and not any(
+                op.operator == "transform" for r in group.rows for _, _, op in r.state.rows_ops[r.i]):
+            target = next((g for g in self._groups if getattr(g, "static", False) and g.can_take(group)), None)
+            if target is None:
+                target = next((g for g in self._idle_static if g.can_take(group)), None)
                 if target is not None:
-                    target.merge(group)
+                    self._idle_static.remove(target)
                 else:
-                    self._groups.append(group)
+                    max_new = max(r.state.request.max_new_tokens for r in group.rows)
+                    target = StaticGroup.for_rows(self, group, max_new, graphs=self.fast == "graphs")
+                with self._cond:
+                    self._groups.append(target)
+            target.take(group)
+            return
+        target = None
+        if group.mergeable:
+            target = next((g for g in self._groups if not getattr(g, "static", False) and g.mergeable), None)
+        with self._cond:
+            if target is not None:
+                target.merge(group)
+            else:
+                self._groups.append(group)
+
+    def graph_pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     def active_rows_unlocked(self) -> int:
         return sum(len(g.rows) for g in self._groups)
@@ -455,15 +522,20 @@ class Engine:
         # a model split across devices returns logits on its last device
         return out.logits[:, -1].float().to(lm.device), reads
 
-    def _prefill(self, state: _RequestState) -> _Group | None:
+    def _prefill(self, states: list[_RequestState]) -> _Group | None:
         lm = self.lm
-        ids, mask, pos = pad_left(state.prompts, lm.pad_id, lm.device)
-        rows = [_Row(state, i, len(p)) for i, p in enumerate(state.prompts)]
-        group = _Group(self, rows, _new_cache(lm), mask, state.request.exclusive)
-        watch = sorted({m.layer for m in state.request.monitors})
+        prompts = [p for state in states for p in state.prompts]
+        ids, mask, pos = pad_left(prompts, lm.pad_id, lm.device)
+        rows = [_Row(state, i, len(p)) for state in states for i, p in enumerate(state.prompts)]
+        group = _Group(self, rows, _new_cache(lm), mask, any(s.request.exclusive for s in states))
+        watch = sorted({m.layer for state in states for m in state.request.monitors})
         logits, reads = self._forward(group, ids, mask, pos, watch)
         self._emit(group, list(range(len(rows))), logits, reads)
-        return group if any(not state.done[r.i] for r in rows) else None
+        keep = [i for i, r in enumerate(rows) if not r.state.done[r.i] and not r.state.cancelled]
+        if not keep:
+            return None
+        group.select(keep)
+        return group
 
     def _decode(self, group: _Group) -> None:
         live = [i for i, r in enumerate(group.rows) if r.pending is not None]
@@ -471,11 +543,18 @@ class Engine:
             return
         check(len(live) == len(group.rows), "internal: a row without a pending token")
         lm = self.lm
+        watch = sorted({m.layer for r in group.rows for m in r.state.request.monitors})
+        if getattr(group, "static", False):
+            logits, reads = group.forward_step([r.pending for r in group.rows], [r.pos for r in group.rows], watch)
+            for r in group.rows:
+                r.pos += 1
+                r.pending = None
+            self._emit(group, list(range(len(group.rows))), logits, reads)
+            return
         ids = torch.tensor([[r.pending] for r in group.rows], dtype=torch.long, device=lm.device)
         pos = torch.tensor([[r.pos] for r in group.rows], dtype=torch.long, device=lm.device)
         group.mask = torch.cat([group.mask, torch.ones((len(group.rows), 1), dtype=group.mask.dtype,
                                                        device=group.mask.device)], dim=1)
-        watch = sorted({m.layer for r in group.rows for m in r.state.request.monitors})
         logits, reads = self._forward(group, ids, group.mask, pos, watch)
         for r in group.rows:
             r.pos += 1
@@ -487,17 +566,50 @@ class Engine:
         by_state: dict[int, list[int]] = {}
         for i in idx:
             by_state.setdefault(id(group.rows[i].state), []).append(i)
+        greedy: list[int] | None = None
         for members in by_state.values():
             state = group.rows[members[0]].state
             if state.cancelled:
                 continue
             try:
+                if state.simple:
+                    if greedy is None:  # one device-to-host copy for every plain greedy row of the batch
+                        greedy = logits.argmax(-1).tolist()
+                    self._emit_simple(group, state, members, greedy)
+                    continue
                 self._emit_request(group, state, members, logits, reads)
             except Exception as exc:  # noqa: BLE001 - a failing callback or monitor ends its own request
                 if not isinstance(exc, UserError):
                     log.exception("request failed")
                 self._finish(state, exc)
                 state.cancelled = True
+
+    def _emit_simple(self, group: _Group, state: _RequestState, members: list[int], greedy: list[int]) -> None:
+        """A greedy request without monitors, callbacks or logits: no tensor work of its own."""
+        req = state.request
+        tokens = [state.eos0] * state.n
+        for gi in members:
+            row = group.rows[gi]
+            i = row.i
+            t = greedy[gi]
+            tokens[i] = t
+            out = state.out[i]
+            out.append(t)
+            if (req.stop_on_eos and t in state.eos) or len(out) >= req.max_new_tokens:
+                state.done[i] = True
+            else:
+                row.pending = t
+        self._push(state, tokens, {}, None, {})
+
+    def _push(self, state: _RequestState, tokens: list[int], monitor: dict, logits, extra: dict) -> None:
+        step = Step(index=max(len(o) for o in state.out) - 1, tokens=tokens, done=list(state.done),
+                    token_ids=[len(o) for o in state.out], monitor=monitor, logits=logits, extra=extra,
+                    decode=self._decoder(state), rows=state.out)
+        with self._cond:
+            state.queue.append(step)
+            if state.all_done:
+                state.finished = True
+            self._cond.notify_all()
 
     def _emit_request(self, group: _Group, state: _RequestState, members: list[int], logits: torch.Tensor,
                       reads: dict[int, torch.Tensor]) -> None:
@@ -547,15 +659,7 @@ class Engine:
         if state.plan_dirty:
             group.plan_dirty = True
             state.plan_dirty = False
-        index = max(len(o) for o in state.out) - 1
-        step = Step(index=index, tokens=tokens, done=list(state.done), token_ids=[list(o) for o in state.out],
-                    monitor=monitor, logits=full if req.want_logits else None, extra=extra,
-                    decode=self._decoder(state))
-        with self._cond:
-            state.queue.append(step)
-            if state.all_done:
-                state.finished = True
-            self._cond.notify_all()
+        self._push(state, tokens, monitor, full if req.want_logits else None, extra)
 
     def _decoder(self, state: _RequestState) -> Callable[[list[int]], str]:
         lm, eos = self.lm, state.eos

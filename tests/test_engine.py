@@ -214,3 +214,46 @@ def test_real_model_request_equal_alone_and_in_a_running_batch(smol, sentiment_v
     assert got0[-1].token_ids[0] == want[0]
     assert [h.result().token_ids[0] for h in others] == want[1:]
     assert hook_count(smol.model) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_cache_layout_gives_the_eager_tokens(tiny_tokenizer, arch):
+    """The fast path's layout (static KV buffers, every row writing at one shared slot, rows joining
+    into free slots) run without CUDA-graph capture on CPU: the same tokens as the eager engine."""
+    from conftest import make_tiny
+
+    from steering_lab.monitor import direction_monitor
+    from steering_lab.vector import SteeringVector
+
+    lm = make_tiny(arch, tiny_tokenizer)
+    ids = [lm.encode_prompt(p) for p in PROMPTS]
+    mon = direction_monitor(SteeringVector(directions={2: rand_dir(lm, 9)}), layer=2, name="m")
+    reqs = [
+        dict(prompt_ids=[ids[0]], steering=[Steer(rand_dir(lm, 1), 1.5, layers=[1])], max_new_tokens=20),
+        dict(prompt_ids=[ids[1], ids[2]], steering=[Steer(rand_dir(lm, 2), [-2.0, 1.0], layers=[2]),
+                                                    Steer(rand_dir(lm, 3), 0.5, layers=[2], operator="ablate")],
+             max_new_tokens=9, monitors=[mon]),
+        dict(prompt_ids=[ids[3]] * 2, steering=[Steer(rand_dir(lm, 4), 3.0, layers=[0], rows=[True, False],
+                                                       scope="generated")], max_new_tokens=12, follow={1: 0},
+             want_logits=True),
+        dict(prompt_ids=[ids[2]], steering=[Steer(rand_dir(lm, 5), 30.0, layers=[3], operator="rotate"),
+                                            Steer(rand_dir(lm, 6), 0.7, layers=[1], operator="clamp")],
+             max_new_tokens=7),
+    ]
+    results = {}
+    for mode in ("eager", "static"):
+        eng = Engine(lm, fast=mode, min_capacity=2, min_length=8)
+        first = iter(eng.submit(Request(**reqs[0])))
+        for _ in range(3):
+            next(first)
+        hs = [eng.submit(Request(**r)) for r in reqs[1:3]]
+        mid = [next(first) for _ in range(2)]
+        hs.append(eng.submit(Request(**reqs[3])))  # joins later, with a longer prompt than the slot offset
+        outs = [h.result() for h in hs]
+        rest = list(first)
+        last_first = rest[-1] if rest else mid[-1]
+        results[mode] = ([last_first.token_ids] + [o.token_ids for o in outs], outs[0].monitor["m"])
+        assert eng.idle and hook_count(lm.model) == 0
+    assert results["static"][0] == results["eager"][0]
+    torch.testing.assert_close(torch.tensor(results["static"][1]), torch.tensor(results["eager"][1]),
+                               atol=1e-4, rtol=1e-4)  # separate passes over different cache layouts
