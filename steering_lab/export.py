@@ -165,38 +165,40 @@ def _field_value(field: Any) -> Any:
     return value
 
 
-def load_gguf(path: str | os.PathLike) -> SteeringVector:
+def load_gguf(path: str | os.PathLike, *, label: str | None = None) -> SteeringVector:
     """Read a llama.cpp control-vector GGUF (ours, repeng's, ``llama-cvector-generator``'s, or any file
     with extra keys) into a SteeringVector. Our extra ``controlvector.*`` keys come back as metadata;
-    the model hint as ``extra["model_type"]``."""
+    the model hint as ``extra["model_type"]``. ``label`` names the file in error messages instead of
+    its path (the app shows names, never host paths)."""
     from gguf import GGMLQuantizationType, GGUFReader
 
     p = Path(path).expanduser()
-    check(p.is_file(), f"GGUF file not found: {p}")
+    where = label or str(p)
+    check(p.is_file(), f"GGUF file not found: {where}")
     try:
         reader = GGUFReader(p)
     except Exception as exc:  # noqa: BLE001 - any parse failure of a user's file is a user error
-        raise UserError(f"{p} is not a readable GGUF file: {exc}") from None
+        raise UserError(f"{where} is not a readable GGUF file: {exc}") from None
     fields = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     arch = fields.get("general.architecture")
-    check(arch == ARCH, f"{p} is not a control vector: its general.architecture is "
+    check(arch == ARCH, f"{where} is not a control vector: its general.architecture is "
                         f"{arch!r} (a control vector has 'controlvector'; a model GGUF cannot be imported as a vector)")
 
     dirs: dict[int, torch.Tensor] = {}
     for t in reader.tensors:
         m = _DIRECTION.match(t.name)
         check(m is not None and int(m.group(1)) >= 0,
-              f"{p}: tensor {t.name!r} is not direction.<layer> (llama.cpp would reject this file too)")
+              f"{where}: tensor {t.name!r} is not direction.<layer> (llama.cpp would reject this file too)")
         layer = int(m.group(1))
         check(t.tensor_type == GGMLQuantizationType.F32,
-              f"{p}: {t.name} is {t.tensor_type.name}, but control vectors must be F32 (llama.cpp rejects others)")
+              f"{where}: {t.name} is {t.tensor_type.name}, but control vectors must be F32 (llama.cpp rejects others)")
         shape = [int(s) for s in t.shape]
         check(len(shape) >= 1 and all(s == 1 for s in shape[1:]),
-              f"{p}: {t.name} has shape {shape}, but a direction must be 1-D [d_model]")
+              f"{where}: {t.name} has shape {shape}, but a direction must be 1-D [d_model]")
         data = torch.from_numpy(np.array(t.data, dtype=np.float32, copy=True).reshape(-1))
-        check(layer not in dirs, f"{p}: two tensors for layer {layer}")
+        check(layer not in dirs, f"{where}: two tensors for layer {layer}")
         dirs[layer] = data
-    check(bool(dirs), f"{p} holds no direction.<layer> tensors")
+    check(bool(dirs), f"{where} holds no direction.<layer> tensors")
     del reader  # releases the memory map
     count = fields.get(f"{ARCH}.layer_count")
     if isinstance(count, int) and count != len(dirs):
@@ -282,8 +284,11 @@ def _from_safetensors(path: Path) -> SteeringVector:
         raw = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not a valid safetensors file: {exc}") from None
-    if raw and all(re.match(r"^direction\.\d+$", k) for k in raw) and path.with_suffix(".json").is_file():
-        return SteeringVector.load(path)  # our own format, with its metadata
+    if raw and all(re.fullmatch(r"direction\.\d+", k) for k in raw):
+        vec = SteeringVector.load(path)  # our own format, with its metadata (json beside it or inside)
+        if not vec.description:
+            vec.description = f"imported from {path.name}"
+        return vec
     return SteeringVector(directions=_from_mapping(raw, str(path)), method="import",
                           description=f"imported from {path.name}")
 

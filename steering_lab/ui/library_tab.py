@@ -1,25 +1,75 @@
-"""Library tab: every vector with its metadata; download, upload (safetensors only, validated
-against the model) and delete (user vectors, with confirmation). Probes and controllers below."""
+"""Library tab: every vector with its metadata; download (safetensors + json, or a llama.cpp / repeng
+GGUF), upload (safetensors or GGUF, validated against the model) and delete (user vectors, with
+confirmation). Probes and controllers below."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 import gradio as gr
 
 from ..errors import check
+from ..export import export_gguf, load_gguf
 from .context import AppContext, user_errors
 
 HEADERS = ["name", "source", "layer", "strength", "method", "description", "measured effect"]
 
 
-def vector_files(ctx: AppContext, name: str) -> list[str]:
+FORMATS = ["safetensors + json", "GGUF (llama.cpp, repeng)"]
+GGUF_LAYERS = ["recommended layer", "all layers (except 0)"]
+DOWNLOAD_TTL_S = 6 * 3600  # gradio links straight to these files (no copy): keep them as long as its cache
+
+
+def download_dir() -> Path:
+    """A fresh folder for one download, inside gradio's upload folder (gradio serves files only from
+    there, the working directory and the temp dir; a visitor's saved vectors live elsewhere). Folders
+    older than DOWNLOAD_TTL_S are removed first."""
+    try:
+        from gradio.utils import get_upload_folder
+
+        root = Path(get_upload_folder()) / "steering_lab-downloads"
+    except ImportError:  # pragma: no cover - older gradio
+        root = Path(tempfile.gettempdir()) / "gradio" / "steering_lab-downloads"
+    root.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - DOWNLOAD_TTL_S
+    for old in root.iterdir():
+        try:
+            if old.is_dir() and old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
+    return Path(tempfile.mkdtemp(prefix="dl-", dir=root))
+
+
+def download_files(ctx: AppContext, name: str, fmt: str = FORMATS[0], layers: str = GGUF_LAYERS[0],
+                   scale: float | None = None) -> list[str]:
+    """Files to download for vector ``name``, written to a fresh folder that gradio serves: a copy of
+    its ``.safetensors`` + ``.json``, or a GGUF control vector (the recommended layer or all layers
+    >= 1; ``scale`` bakes a strength in)."""
     base = ctx.vectors.path(name)
-    files = [str(base.with_suffix(".safetensors"))]
-    for suffix in (".json", ".gguf"):
-        if base.with_suffix(suffix).is_file():
-            files.append(str(base.with_suffix(suffix)))
-    return files
+    out = download_dir()
+    if fmt == FORMATS[0]:
+        files = []
+        for suffix in (".safetensors", ".json"):
+            if base.with_suffix(suffix).is_file():
+                shutil.copyfile(base.with_suffix(suffix), out / f"{base.name}{suffix}")
+                files.append(str(out / f"{base.name}{suffix}"))
+        return files
+    check(fmt == FORMATS[1], f"unknown download format {fmt!r}")
+    vec = ctx.vectors.get(name)
+    stem = base.name
+    if layers == GGUF_LAYERS[0] and vec.recommended_layer is not None and vec.recommended_layer in vec.directions:
+        vec = vec.at(vec.recommended_layer)
+        stem += f"-L{vec.recommended_layer}"
+    if scale is not None:
+        stem += f"-x{float(scale):g}"
+    model_hint = getattr(getattr(ctx.lm.model, "config", None), "model_type", None) \
+        if vec.d_model == ctx.lm.d_model else None
+    return [str(export_gguf(vec, out / f"{stem}.gguf", scale=scale, model_hint=model_hint))]
 
 
 def other_table(library) -> list[list]:
@@ -44,16 +94,26 @@ def build(ctx: AppContext, steer: dict, sweep: dict) -> dict:
     refresh = gr.Button("Refresh")
     with gr.Row():
         with gr.Column():
-            pick = gr.Dropdown(ctx.vectors.names(), label="Vector")
+            pick = gr.Dropdown(ctx.vectors.names(), label="Vector", elem_id="library-pick")
             details = gr.JSON(label="Metadata")
-            download = gr.File(label="Download", file_count="multiple", interactive=False)
+            dl_format = gr.Radio(FORMATS, value=FORMATS[0], label="Download as", elem_id="library-format")
+            dl_layers = gr.Radio(GGUF_LAYERS, value=GGUF_LAYERS[0], label="GGUF: layers",
+                                 info="llama.cpp adds every direction in the file; the app steers at the "
+                                      "recommended layer")
+            dl_scale = gr.Number(value=0, label="GGUF: bake in a strength (0: none; then give it at load time "
+                                                "with llama.cpp's --control-vector-scaled FILE:S)",
+                                 elem_id="library-scale")
+            download = gr.File(label="Download", file_count="multiple", interactive=False,
+                               elem_id="library-download")
         with gr.Column():
-            up_st = gr.File(label="Upload a vector: .safetensors (direction.k tensors)", file_types=[".safetensors"],
+            up_st = gr.File(label="Upload a vector: .safetensors (direction.k tensors) or a llama.cpp / repeng "
+                                  "control-vector .gguf", file_types=[".safetensors", ".gguf"], type="filepath",
+                            elem_id="library-upload")
+            up_js = gr.File(label="Its .json metadata (optional; a .gguf carries its own)", file_types=[".json"],
                             type="filepath")
-            up_js = gr.File(label="Its .json metadata (optional)", file_types=[".json"], type="filepath")
-            up_name = gr.Textbox(label="Save as")
-            upload = gr.Button("Upload and validate")
-            up_msg = gr.Markdown()
+            up_name = gr.Textbox(label="Save as (empty: the file's name)", elem_id="library-save-as")
+            upload = gr.Button("Upload and validate", elem_id="library-upload-button")
+            up_msg = gr.Markdown(elem_id="library-upload-message")
         with gr.Column():
             del_pick = gr.Dropdown([n for n in ctx.vectors.names() if ctx.vectors.is_user(n)],
                                    label="Delete a saved vector")
@@ -77,17 +137,30 @@ def build(ctx: AppContext, steer: dict, sweep: dict) -> dict:
     refresh.click(refreshed, None, outs, queue=False, api_visibility="private")
 
     @user_errors
-    def on_pick(name):
+    def on_pick(name, fmt, layers, scale):
         if not name:
             return None, None
-        return ctx.vectors.get(name).metadata(), vector_files(ctx, name)
+        return ctx.vectors.get(name).metadata(), download_files(ctx, name, fmt, layers, float(scale) if scale else None)
 
-    pick.change(on_pick, pick, [details, download], queue=False, api_visibility="private")
+    # (no blur event: it would re-render the links under the click that caused it, losing the download)
+    for trigger in (pick.change, dl_format.change, dl_layers.change, dl_scale.input):
+        trigger(on_pick, [pick, dl_format, dl_layers, dl_scale], [details, download], queue=False,
+                api_visibility="private")
 
     @user_errors
     def on_upload(st, js, name):
-        check(st is not None, "choose a .safetensors file")
-        saved = ctx.vectors.import_files(st, js, name, ctx.lm)
+        check(st is not None, "choose a .safetensors or .gguf file")
+        name = (name or "").strip() or Path(st).stem
+        if Path(st).suffix.lower() == ".gguf":
+            ctx.vectors.target(name)  # name free, room left: before reading anything
+            limit = ctx.vectors.visitors.limits.max_upload
+            size = Path(st).stat().st_size
+            check(size <= limit, f"the uploaded GGUF is {size / 2**20:.1f} MiB; the limit is {limit / 2**20:.0f} MiB")
+            vec = load_gguf(st, label=f"uploaded vector {name!r}")
+            vec.check_model(ctx.lm)
+            saved = ctx.vectors.save(vec, name)
+        else:
+            saved = ctx.vectors.import_files(st, js, name, ctx.lm)
         return (f"saved **{saved}**: it matches {ctx.lm.name} (d_model {ctx.lm.d_model}, {ctx.lm.n_layers} layers)",
                 *refreshed())
 
