@@ -329,16 +329,39 @@ def feature_clamp(sae: LoadedSAE, feature: int, value: float | Sequence[float] =
 def vector_features(sae: LoadedSAE, vector: SteeringVector, k: int = 10) -> list[dict[str, Any]]:
     """The features a vector loads on: top-``k`` |cosine| between its direction at the SAE's layer
     and the decoder rows, with signs and labels."""
-    check(sae.layer in vector.directions,
-          f"the vector has no direction at layer {sae.layer} (the SAE's layer); it has layers {vector.layers}")
-    v = vector[sae.layer].float().cpu()
-    check(v.shape[0] == sae.d_in, f"the vector has width {v.shape[0]}, the SAE reads {sae.d_in}")
+    return top_cosines(sae.sae.W_dec.detach(), sae.layer, vector, k, sae.label)
+
+
+def top_cosines(W_dec: torch.Tensor, layer: int, vector: SteeringVector, k: int = 10,
+                label: Any = None) -> list[dict[str, Any]]:
+    """Top-``k`` |cosine| between ``vector[layer]`` and the rows of ``W_dec`` [d_sae, d_in]."""
+    check(layer in vector.directions,
+          f"the vector has no direction at layer {layer} (the SAE's layer); it has layers {vector.layers}")
+    v = vector[layer].float().cpu()
+    W = W_dec.float().cpu()
+    check(v.shape[0] == W.shape[1], f"the vector has width {v.shape[0]}, the SAE reads {W.shape[1]}")
     check(float(v.norm()) > 0, "the vector is zero at the SAE's layer")
-    W = sae.sae.W_dec.detach().float().cpu()
     cos = (W @ v) / (W.norm(dim=1).clamp_min(1e-12) * v.norm())
-    top = cos.abs().topk(min(int(k), sae.d_sae))
-    return [{"feature": int(i), "cosine": round(float(cos[i]), 4), "label": sae.label(int(i))}
+    top = cos.abs().topk(min(int(k), W.shape[0]))
+    return [{"feature": int(i), "cosine": round(float(cos[i]), 4), "label": label(int(i)) if label else ""}
             for i in top.indices.tolist()]
+
+
+def read_decoder(spec: str | os.PathLike) -> tuple[int, torch.Tensor, dict[str, Any]]:
+    """``(layer, W_dec float32 [d_sae, d_in], features.json)`` of a local SAE, read straight from its
+    files (no sae-lens import: cheap enough for the Library tab)."""
+    from safetensors import safe_open
+
+    folder = find_sae(spec)
+    check(folder is not None, f"no SAE folder called {os.fspath(spec)!r}")
+    try:
+        cfg = json.loads((folder / CFG_FILE).read_text())
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as fh:
+            W = fh.get_tensor("W_dec").float()
+    except Exception as exc:  # noqa: BLE001 - a broken file is a clear user-facing error
+        raise UserError(f"{folder} is not a readable sae-lens SAE: {type(exc).__name__}: {exc}") from None
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name", "")
+    return hook_to_layer(hook), W, read_index(folder)
 
 
 # ---- what features fire on ----------------------------------------------------------------

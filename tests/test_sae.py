@@ -216,6 +216,27 @@ def test_feature_search(sae, tiny):
         top_features(tiny, sae, "  ")
 
 
+def test_features_tab_functions(sae, tiny, tmp_path):
+    from steering_lab.generate import generate
+    from steering_lab.ui.context import make_context
+    from steering_lab.ui.features_tab import clamp_compare, feature_details, feature_rows, save_feature_vector
+
+    index = {"features": {"3": {"label": "cat / dog", "top_tokens": [" cat", " dog"], "freq": 0.01, "max_act": 2.0,
+                                "contexts": [{"act": 2.0, "text": "the [[ cat]] sat"}]},
+                          "7": {"label": "the", "top_tokens": [" the"], "freq": 0.2, "max_act": 1.0, "contexts": []}}}
+    assert [r[0] for r in feature_rows(index)] == [7, 3]  # most frequent first
+    assert [r[0] for r in feature_rows(index, "DOG")] == [3] and [r[0] for r in feature_rows(index, "7")] == [7]
+    assert "<b><u> cat</u></b>" in feature_details(index, 3) and "never fired" in feature_details(index, 5)
+    ctx = make_context(tiny, user_dir=tmp_path / "lib", shipped_root=tmp_path / "none", library_mode="shared")
+    name = save_feature_vector(ctx, sae, 9, "")
+    assert name == "sae-tiny-sae-f9" and name in ctx.compatible_vectors()
+    assert torch.equal(ctx.vectors.get(name)[2], feature_vector(sae, 9)[2])
+    assert save_feature_vector(ctx, sae, 9, "") == name  # saving the same feature again overwrites the user's copy
+    base, clamped = clamp_compare(ctx, sae, "Tell me a story.", 9, 25.0, max_new_tokens=6)
+    assert base == generate(tiny, ["Tell me a story."], max_new_tokens=6)[0]  # the unclamped row is untouched
+    assert isinstance(clamped, str)
+
+
 # ---- the shipped SAE on the real model ---------------------------------------------------------
 
 HELD_OUT = [  # written for this test: never part of the SAE's training text
@@ -258,3 +279,54 @@ def test_shipped_sae_clamp_identity_on_the_real_model(smol, shipped):
     with torch.no_grad(), steer(smol, feature_clamp(shipped, i, float(f[i]))):
         same = smol.model(input_ids=ids).logits
     torch.testing.assert_close(same, base, rtol=0, atol=1e-4)
+
+
+@pytest.mark.real
+def test_shipped_sae_in_the_app_helpers(smol):
+    from steering_lab.ui.context import make_context
+    from steering_lab.ui.features_tab import compatible_saes, vector_features_markdown
+
+    ctx = make_context(smol, library_mode="shared")
+    assert "smollm2-135m-l10" in compatible_saes(ctx)
+    md = vector_features_markdown(ctx, "sentiment")
+    assert "smollm2-135m-l10" in md and "wonderful" in md  # the sentiment vector loads on a positive-words feature
+
+
+@pytest.mark.real
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="Debian's chromium is not installed")
+def test_features_tab_in_a_browser(smol, tmp_path):
+    """Search the feature table, light up a prompt (table + feature strip), then 'Steer with this
+    feature' and find it selected in the Steer tab's vector picker."""
+    import socket
+
+    from bench.browser import browser_page
+    from steering_lab.ui.app import CSS, build_demo
+    from steering_lab.ui.context import make_context
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = make_context(smol, user_dir=tmp_path, library_mode="shared")
+    demo = build_demo(ctx)
+    demo.queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, css=CSS)
+    try:
+        with browser_page(url) as page:
+            page.get_by_role("tab", name="Features").click()
+            page.fill("#feature-search textarea", "wonderful")
+            page.wait_for_function("() => document.querySelector('#feature-table').innerText.includes('rewarding')",
+                                   timeout=30_000)
+            page.fill("#feature-prompt textarea", "What a wonderful, sunny day at the beach!")
+            page.get_by_role("button", name="Find features").click()
+            page.wait_for_function("() => document.querySelectorAll('#feature-strip span').length > 5",
+                                   timeout=60_000)
+            assert "beach" in page.inner_text("#prompt-features")
+            page.fill("#feature-id input", "829")
+            page.get_by_role("button", name="Steer with this feature").click()
+            page.wait_for_function("() => document.body.innerText.includes('sae-smollm2-135m-l10-f829')",
+                                   timeout=60_000)
+            page.get_by_role("tab", name="Steer").click()
+            assert "sae-smollm2-135m-l10-f829" in page.inner_text("#vectors")
+    finally:
+        demo.close()
+    assert "sae-smollm2-135m-l10-f829" in ctx.vectors.names()

@@ -10,7 +10,7 @@ import sys
 
 import gradio as gr
 
-from . import extract_tab, library_tab, probes_tab, steer_tab, sweep_tab
+from . import extract_tab, features_tab, library_tab, probes_tab, steer_tab, sweep_tab
 from .context import AppContext, make_context
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             sweep = sweep_tab.build(ctx, steer)
         with gr.Tab("Probes"):
             probes_tab.build(ctx, steer)
+        with gr.Tab("Features"):
+            features_tab.build(ctx, steer)
         with gr.Tab("Library"):
             library = library_tab.build(ctx, steer, sweep)
 

@@ -14,6 +14,7 @@ import gradio as gr
 
 from ..errors import check
 from ..export import export_gguf, load_gguf
+from . import features_tab
 from .context import AppContext, user_errors
 
 HEADERS = ["name", "source", "layer", "strength", "method", "description", "measured effect"]
@@ -96,6 +97,7 @@ def build(ctx: AppContext, steer: dict, sweep: dict) -> dict:
         with gr.Column():
             pick = gr.Dropdown(ctx.vectors.names(), label="Vector", elem_id="library-pick")
             details = gr.JSON(label="Metadata")
+            sae_features = gr.Markdown(elem_id="library-sae-features")  # which SAE features it loads on
             dl_format = gr.Radio(FORMATS, value=FORMATS[0], label="Download as", elem_id="library-format")
             dl_layers = gr.Radio(GGUF_LAYERS, value=GGUF_LAYERS[0], label="GGUF: layers",
                                  info="llama.cpp adds every direction in the file; the app steers at the "
@@ -146,6 +148,8 @@ def build(ctx: AppContext, steer: dict, sweep: dict) -> dict:
     for trigger in (pick.change, dl_format.change, dl_layers.change, dl_scale.input):
         trigger(on_pick, [pick, dl_format, dl_layers, dl_scale], [details, download], queue=False,
                 api_visibility="private")
+    pick.change(user_errors(lambda name: features_tab.vector_features_markdown(ctx, name)), pick, sae_features,
+                queue=False, api_visibility="private")
 
     @user_errors
     def on_upload(st, js, name):
