@@ -86,6 +86,30 @@ def measure(lm, sae, feature: int, prompts: list[str], answers: list[str]) -> di
             "distinct2": sum(d2) / max(len(d2), 1)}
 
 
+def coherent_strength(rows: list[dict], threshold: float) -> float | None:
+    """The largest strength of the grid at which every tested feature's answers stay coherent
+    (distinct-2 >= threshold): the SAE's measured default strength for its unit feature vectors."""
+    if not rows:
+        return None
+    grid = [r["strength"] for r in rows[0]["results"][1:]]
+    ok = [s for s in grid if all(next(x for x in row["results"] if x["strength"] == s)["distinct2"] >= threshold
+                                 for row in rows)]
+    return max(ok) if ok else None
+
+
+def store_strength(sae_dir: Path, report: dict) -> None:
+    """Write the measured default strength into the SAE's features.json (feature_vector reads it)."""
+    from steering_lab.sae import INDEX_FILE
+
+    path = sae_dir / INDEX_FILE
+    index = json.loads(path.read_text())
+    index["steering"] = {"recommended_strength": report["summary"]["coherent_strength"],
+                         "measured": "bench/sae.py: largest strength of the grid at which all "
+                                     f"{report['summary']['features']} tested features stay coherent "
+                                     f"(distinct-2 >= {report['summary']['coherent_threshold']})"}
+    atomic_write_json(path, index)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae", default=None, help="SAE folder or shipped name (default: the first shipped)")
@@ -97,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--coherent", type=float, default=0.5, help="distinct-2 at or above which a run counts as coherent")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", default=str(ROOT / "bench" / "sae"))
+    ap.add_argument("--store", action="store_true", help="write the measured strength into the SAE's features.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.time()
@@ -136,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"features": len(rows), "coherent_threshold": args.coherent,
                "act_rises": sum(r["act_rises"] for r in rows),
                "top_tokens_rise": sum(r["top_tokens_rise"] for r in rows),
-               "baseline_distinct2": rows[0]["results"][0]["distinct2"] if rows else None}
+               "baseline_distinct2": rows[0]["results"][0]["distinct2"] if rows else None,
+               "coherent_strength": coherent_strength(rows, args.coherent)}
     report = {"sae": sae.name, "layer": sae.layer, "d_sae": sae.d_sae, "device": args.device, "summary": summary,
               "model": lm.name, "held_out_texts": len(held), "reconstruction": recon,
               "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "steering": rows,
@@ -145,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_json(out.with_suffix(".json"), report)
     out.with_suffix(".md").write_text(render(report))
     log.info("wrote %s.json and .md", out)
+    if args.store:
+        from steering_lab.sae import find_sae
+
+        store_strength(find_sae(args.sae or sae_names()[0]), report)
 
 
 def render(report: dict) -> str:

@@ -1,6 +1,12 @@
 """Train the shipped SAE for the embedded SmolLM2-135M with sae-lens' own trainer.
 
-    nice -n 10 python scripts/train_sae.py            # rebuilds steering_lab/shipped/saes/smollm2-135m-l10
+    python scripts/train_sae.py --device cuda          # rebuilds steering_lab/shipped/saes/smollm2-135m-l10
+
+The shipped SAE was made this way on one H200 (5.5 min, most of it the model's own generations):
+the text sources were collected on the dev machine (Python 3.11 docstrings, its Debian docs) with
+``--docstrings 100000 --system-docs 4000`` and passed in with ``--texts``; everything else is the
+defaults below. On CPU (2 cores) the same run takes hours: use e.g. ``--continuations 0
+--generations 48 --docstrings 350 --system-docs 150 --epochs 6 --d-sae 2048`` for a quick one.
 
 Text (all offline): the project's own data (steering_lab/data), docstrings of Python's standard
 library, the licence texts Debian ships (/usr/share/common-licenses) and package READMEs under
@@ -225,18 +231,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=float, default=32)
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per text chunk")
-    ap.add_argument("--docstrings", type=int, default=700, help="stdlib docstring chunks")
-    ap.add_argument("--system-docs", type=int, default=300, help="licence / README chunks")
-    ap.add_argument("--generations", type=int, default=96, help="prompts the model answers (0: none)")
-    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--docstrings", type=int, default=100000, help="stdlib docstring chunks")
+    ap.add_argument("--system-docs", type=int, default=4000, help="licence / README chunks")
+    ap.add_argument("--generations", type=int, default=400, help="prompts the model answers (0: none)")
+    ap.add_argument("--gen-tokens", type=int, default=96)
     ap.add_argument("--held-out", type=float, default=0.1)
-    ap.add_argument("--epochs", type=float, default=8)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--epochs", type=float, default=10)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 either way)")
-    ap.add_argument("--continuations", type=int, default=0, help="sampled continuations of the model's own")
-    ap.add_argument("--collect-batch", type=int, default=16)
+    ap.add_argument("--continuations", type=int, default=1536, help="sampled continuations of the model's own")
+    ap.add_argument("--collect-batch", type=int, default=64)
     ap.add_argument("--texts", help="read the text sources from this JSON ({source: [texts]}) instead")
     ap.add_argument("--save-texts", help="write the text sources (generations included) to this JSON")
     ap.add_argument("--seed", type=int, default=0)
@@ -313,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
               "epochs": args.epochs, "steps": steps, "lr": args.lr, "seconds": round(time.time() - t0),
               "train_seconds": round(train_s), "sources": {k: len(v) for k, v in sources.items()},
               "train": explained_variance(shipped, acts), "held_out": explained_variance(shipped, acts_test),
-              "sae_lens": __import__("sae_lens").__version__, "torch": torch.__version__}
+              "sae_lens": __import__("sae_lens").__version__, "torch": torch.__version__, "args": vars(args)}
     atomic_write_json(out / "train_report.json", report)
     log.info("saved %s: %s", out, json.dumps(report))
 

@@ -275,10 +275,10 @@ def feature_vector(sae: LoadedSAE, feature: int, *, normalize: bool = True, lm: 
     norm = float(row.norm())
     check(norm > 0, f"feature {feature} has a zero decoder row")
     info = sae.feature_info(feature)
-    max_act = info.get("max_act")
-    strength = None
-    if max_act:  # the largest size this feature's own contribution reaches on the index corpus
-        strength = round(float(max_act) * (norm if normalize else 1.0), 3)
+    # the SAE's measured default (bench/sae.py --store) is for unit vectors; none is guessed
+    strength = sae.index.get("steering", {}).get("recommended_strength")
+    if strength is not None and not normalize:
+        strength = round(float(strength) / norm, 4)
     label = info.get("label", "")
     vec = SteeringVector(
         directions={sae.layer: row / norm if normalize else row},
@@ -287,7 +287,7 @@ def feature_vector(sae: LoadedSAE, feature: int, *, normalize: bool = True, lm: 
         normalized=normalize,
         description=f"SAE {sae.name} feature {feature}" + (f": {label}" if label else ""),
         extra={"sae": {"name": sae.name, "source": sae.source, "hook_name": sae.hook_name, "feature": feature,
-                       "label": label, "decoder_norm": norm}})
+                       "label": label, "decoder_norm": norm, "max_act": info.get("max_act")}})
     if lm is not None:
         vec.check_model(lm)
     return vec

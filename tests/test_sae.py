@@ -265,6 +265,7 @@ def test_shipped_sae_fits_and_reconstructs(smol, shipped):
     stats = reconstruction_stats(smol, shipped, HELD_OUT)
     assert stats["explained_variance"] >= 0.7, stats  # 0.80 measured; the bench: 0.865 on 77k held-out tokens
     assert 1 <= stats["l0"] <= 200, stats
+    assert feature_vector(shipped, 829).recommended_strength == 32.0  # measured by bench/sae.py, in features.json
     labels = [f["label"] for f in shipped.index["features"].values()]
     assert len(labels) > shipped.d_sae // 2 and all(labels)
 
