@@ -162,6 +162,7 @@ class _RequestState:
         self.eos0 = lm.eos_ids[0] if lm.eos_ids else -1
         self.plan_dirty = False
         self.rows_ops = [self._row_ops(i) for i in range(self.n)]
+        self.decode = lambda row, lm=lm, eos=self.eos: lm.decode([t for t in row if t not in eos])
         self.simple = (request.temperature <= 0 and request.control is None and not request.monitors
                        and not request.want_logits and not request.follow)
         n_layers, width = lm.n_layers, lm.d_model
@@ -318,7 +319,7 @@ class Engine:
     """The one decode loop of a model (see the module docstring). Thread-safe."""
 
     def __init__(self, lm: LoadedModel, *, max_rows: int = 256, fast: str | bool | None = None,
-                 min_capacity: int = 8, min_length: int = 256) -> None:
+                 min_capacity: int = 8, min_length: int = 256, compile: bool = False) -> None:
         """``fast``: ``None`` picks CUDA graphs on a single CUDA device for architectures that allow
         them, else eager; ``"graphs"``, ``"static"`` (static cache without capture: the same layout,
         for checking it on CPU) or ``"eager"``/``False``."""
@@ -337,7 +338,10 @@ class Engine:
             check(supports_static(lm) and not lm.is_split, f"the fast path does not support {lm.name}")
         self.fast = fast
         self.min_capacity, self.min_length = min_capacity, min_length
+        self.compile = compile
+        self._compiled = None
         self._pool = None
+        self._outbox: list = []
         self._idle_static: list = []  # emptied static groups keep their buffers and captured graphs
         self._cond = threading.Condition()
         self._pending: deque[_RequestState] = deque()
@@ -495,6 +499,15 @@ class Engine:
             else:
                 self._groups.append(group)
 
+    def model_forward(self):
+        """The model's forward for the fast path: ``torch.compile``d when asked (fused kernels, then
+        captured in the CUDA graph), else the plain one."""
+        if not self.compile:
+            return self.lm.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.lm.model, dynamic=False)
+        return self._compiled
+
     def graph_pool(self):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -567,6 +580,12 @@ class Engine:
         for i in idx:
             by_state.setdefault(id(group.rows[i].state), []).append(i)
         greedy: list[int] | None = None
+        try:
+            self._emit_all(group, by_state, logits, reads, greedy)
+        finally:
+            self._flush()
+
+    def _emit_all(self, group, by_state, logits, reads, greedy) -> None:
         for members in by_state.values():
             state = group.rows[members[0]].state
             if state.cancelled:
@@ -604,12 +623,20 @@ class Engine:
     def _push(self, state: _RequestState, tokens: list[int], monitor: dict, logits, extra: dict) -> None:
         step = Step(index=max(len(o) for o in state.out) - 1, tokens=tokens, done=list(state.done),
                     token_ids=[len(o) for o in state.out], monitor=monitor, logits=logits, extra=extra,
-                    decode=self._decoder(state), rows=state.out)
+                    decode=state.decode, rows=state.out)
+        self._outbox.append((state, step, all(state.done)))
+
+    def _flush(self) -> None:
+        """Hand this step's outputs to their consumers (one lock, one wake-up)."""
+        if not self._outbox:
+            return
         with self._cond:
-            state.queue.append(step)
-            if state.all_done:
-                state.finished = True
+            for state, step, finished in self._outbox:
+                state.queue.append(step)
+                if finished:
+                    state.finished = True
             self._cond.notify_all()
+        self._outbox.clear()
 
     def _emit_request(self, group: _Group, state: _RequestState, members: list[int], logits: torch.Tensor,
                       reads: dict[int, torch.Tensor]) -> None:
@@ -660,10 +687,6 @@ class Engine:
             group.plan_dirty = True
             state.plan_dirty = False
         self._push(state, tokens, monitor, full if req.want_logits else None, extra)
-
-    def _decoder(self, state: _RequestState) -> Callable[[list[int]], str]:
-        lm, eos = self.lm, state.eos
-        return lambda row: lm.decode([t for t in row if t not in eos])
 
     def _rewind(self, group: _Group, state: _RequestState, n: int) -> None:
         """Drop the last ``n`` tokens of an exclusive (single-group) request and re-run the position

@@ -131,6 +131,7 @@ class StaticGroup:
         self.logits: torch.Tensor | None = None
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]] = {}
         self.plan_dirty = False
+        self._slots: torch.Tensor | None = None
         self.exclusive = False
         self.mergeable = False
 
@@ -187,6 +188,7 @@ class StaticGroup:
             self.slot_of[id(row)] = s
         self.rows += prefill_group.rows
         self.plan_dirty = True
+        self._slots = None
 
     def _shift(self, s: int) -> None:
         """Move every row's cached tokens ``s`` slots to the right (room for a longer prompt)."""
@@ -211,6 +213,7 @@ class StaticGroup:
         self.free.sort()
         self.rows = kept
         self.plan_dirty = True
+        self._slots = None
 
     # ---- steering buffers ---------------------------------------------------------------------
     def _row_ops(self) -> dict[int, list[tuple[int, RowOp]]]:
@@ -259,17 +262,15 @@ class StaticGroup:
 
     # ---- one step --------------------------------------------------------------------------------
     def forward_step(self, ids: list[int], pos: list[int], watch: list[int]) -> tuple[torch.Tensor, dict]:
-        if self.plan_dirty or any(r.state.plan_dirty for r in self.rows):
+        if self.plan_dirty:
             self._sync_plan()
             self.plan_dirty = False
-        slots = [self.slot_of[id(r)] for r in self.rows]
-        sl = torch.as_tensor(slots, dtype=torch.long)
-        host = torch.tensor([ids, pos], dtype=torch.long)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-            sl = sl.pin_memory()
-        dev = host.to(self.device, non_blocking=True)
-        sl_dev = sl.to(self.device, non_blocking=True)
+            self._slots = None
+        if self._slots is None:
+            self._slots = torch.as_tensor([self.slot_of[id(r)] for r in self.rows], dtype=torch.long,
+                                          device=self.device)
+        sl_dev = self._slots
+        dev = torch.tensor([ids, pos], dtype=torch.long).to(self.device)  # the step's one host-to-device copy
         self.ids.index_copy_(0, sl_dev, dev[0][:, None])
         self.pos.index_copy_(0, sl_dev, dev[1][:, None])
         self.write.fill_(self.c)
@@ -298,8 +299,9 @@ class StaticGroup:
 
         if forward_accepts(lm.model, "logits_to_keep"):
             kwargs["logits_to_keep"] = 1
+        forward = self.engine.model_forward()
         with torch.inference_mode(), steer_batch(lm, self.plan), capture(lm, watch, fn=keep):
-            out = lm.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, **kwargs)
+            out = forward(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, **kwargs)
         return out.logits[:, -1].float(), bufs
 
     def _replay(self, key: tuple, watch: list[int]) -> tuple[torch.Tensor, dict]:
@@ -324,9 +326,10 @@ class StaticGroup:
         with torch.cuda.graph(graph, pool=self.engine.graph_pool()):
             g_logits, g_bufs = self._run(watch)
         # capturing does not run the kernels: this step's result is the warm-up's
-        g_logits.copy_(result[0])
-        for k, v in result[1].items():
-            g_bufs[k].copy_(v)
+        with torch.inference_mode():
+            g_logits.copy_(result[0])
+            for k, v in result[1].items():
+                g_bufs[k].copy_(v)
         log.info("captured a decode step: %d rows x %d slots, steering %s, monitors %s", self.capacity, self.length,
                  self.structure, watch)
         return graph, g_logits, g_bufs

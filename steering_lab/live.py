@@ -79,8 +79,9 @@ def live_stream(lm: LoadedModel, prompt: str, steering: Sequence[Steer], *, with
         if not done_steered:
             logp = torch.log_softmax(logits[0], -1)
             logq = torch.log_softmax(logits[1], -1)
-            kl.append(float((logp.exp() * (logp - logq)).sum()))
-            lp.append(float(logq[step.tokens[0]]))
+            pair = torch.stack([(logp.exp() * (logp - logq)).sum(), logq[step.tokens[0]]]).tolist()  # one sync
+            kl.append(pair[0])
+            lp.append(pair[1])
             pieces.append(lm.tokenizer.decode([step.tokens[0]], skip_special_tokens=True))
             for m in monitors:
                 mons[m.name].append(step.monitor[m.name][0])
