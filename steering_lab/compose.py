@@ -60,7 +60,8 @@ class DynamicStep:
 
 def dynamic_stream(lm: LoadedModel, prompt: str, items: Sequence[tuple[SteeringVector, float]], *,
                    layers: Sequence[Sequence[int] | None] | None = None, tau: float = 0.5,
-                   max_new_tokens: int = 64, chat: bool = True, system: str | None = None) -> Iterator[DynamicStep]:
+                   max_new_tokens: int = 64, chat: bool = True, system: str | None = None,
+                   tag=None) -> Iterator[DynamicStep]:
     """Greedy generation for one prompt with per-step strengths (see module docstring)."""
     check(tau > 0, "tau must be positive")
     check(len(items) > 0, "nothing to compose")
@@ -87,7 +88,7 @@ def dynamic_stream(lm: LoadedModel, prompt: str, items: Sequence[tuple[SteeringV
             ctl.set_strength(i, row_strengths(i, current[i]))
 
     request = Request(prompt_ids=[ids0] * rows, steering=steers, max_new_tokens=max_new_tokens,
-                      follow={r: 0 for r in range(1, rows)}, control=control)
+                      follow={r: 0 for r in range(1, rows)}, control=control, tag=tag)
     for step in engine_for(lm).submit(request):
         done = step.done[0]
         yield DynamicStep(index=step.index, text=step.texts[0], token_ids=list(step.token_ids[0]),

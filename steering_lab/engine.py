@@ -364,6 +364,19 @@ class Engine:
         """Submit ``request`` and yield its steps (closing the iterator cancels it)."""
         yield from self.submit(request)
 
+    def cancel(self, tag) -> int:
+        """Cancel every request submitted with ``tag`` (e.g. a browser session); returns how many.
+        Their rows leave the batch at the next step."""
+        n = 0
+        with self._cond:
+            states = list(self._pending) + [r.state for g in self._groups for r in g.rows]
+            for state in {id(s): s for s in states}.values():
+                if state.request.tag is not None and state.request.tag == tag and not state.cancelled:
+                    state.cancelled = True
+                    n += 1
+            self._cond.notify_all()
+        return n
+
     @property
     def active_rows(self) -> int:
         with self._cond:
@@ -621,7 +634,8 @@ class Engine:
         self._push(state, tokens, {}, None, {})
 
     def _push(self, state: _RequestState, tokens: list[int], monitor: dict, logits, extra: dict) -> None:
-        step = Step(index=max(len(o) for o in state.out) - 1, tokens=tokens, done=list(state.done),
+        index = len(state.out[0]) - 1 if state.n == 1 else max(map(len, state.out)) - 1
+        step = Step(index=index, tokens=tokens, done=list(state.done),
                     token_ids=[len(o) for o in state.out], monitor=monitor, logits=logits, extra=extra,
                     decode=state.decode, rows=state.out)
         self._outbox.append((state, step, all(state.done)))

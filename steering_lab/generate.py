@@ -31,7 +31,7 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
            max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
            chat: bool = True, system: str | None = None, prompt_ids: Sequence[Sequence[int]] | None = None,
            monitors: Sequence = (), prompt_len: int | None = None, follow: dict[int, int] | None = None,
-           want_logits: bool = False) -> Iterator[Step]:
+           want_logits: bool = False, tag=None) -> Iterator[Step]:
     """Yield one :class:`Step` per generated token for a batch of prompts (one engine request).
 
     ``steering`` strengths may be per row (one per prompt). ``monitors`` (see ``monitor.py``) are
@@ -39,7 +39,8 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
     id) that the ``prompt``/``generated`` scopes use (default: each row's prompt length).
     ``follow={i: j}`` feeds row ``i`` the tokens that row ``j`` chooses (a "shadow" row: e.g. the
     unsteered model reading the steered text, for live KL and perplexity). Closing the generator
-    early cancels the request (its rows leave the batch at the next step; no hook stays behind).
+    early cancels the request (its rows leave the batch at the next step; no hook stays behind), and
+    so does ``engine_for(lm).cancel(tag)`` for every request made with ``tag``.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -50,7 +51,7 @@ def stream(lm: LoadedModel, prompts: Sequence[str] | str, steering: Steer | Sequ
     items = [steering] if isinstance(steering, Steer) else list(steering)
     request = Request(prompt_ids=seqs, steering=items, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_p=top_p, seed=seed, monitors=list(monitors), follow=follow, want_logits=want_logits,
-                      prompt_len=prompt_len)
+                      prompt_len=prompt_len, tag=tag)
     yield from engine_for(lm).submit(request)
 
 

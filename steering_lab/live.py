@@ -59,8 +59,11 @@ def _rowed(items: Sequence[Steer], n_rows: int) -> list[Steer]:
 
 def live_stream(lm: LoadedModel, prompt: str, steering: Sequence[Steer], *, with_baseline: bool = True,
                 monitors: Sequence = (), max_new_tokens: int = 64, system: str | None = None,
-                chat: bool = True) -> Iterator[LiveStep]:
-    """Stream the steered answer (and the baseline) for one prompt, greedy, with live metrics."""
+                chat: bool = True, tag=None, temperature: float = 0.0, top_p: float = 1.0,
+                seed: int | None = 0) -> Iterator[LiveStep]:
+    """Stream the steered answer (and the baseline) for one prompt with live metrics: the one
+    "baseline + steered + live metrics" function behind the Steer tab and ``steering-lab generate``
+    (greedy by default; with a temperature the shadow row still reads exactly the steered tokens)."""
     check(prompt.strip() != "", "the prompt is empty")
     for s in steering:
         check(torch.as_tensor(s.strength).numel() == 1, "live_stream takes one strength per intervention")
@@ -74,7 +77,8 @@ def live_stream(lm: LoadedModel, prompt: str, steering: Sequence[Steer], *, with
     done_steered = done_base = False
     pieces: list[str] = []
     for step in stream(lm, [prompt] * rows, _rowed(steering, rows), max_new_tokens=max_new_tokens,
-                       prompt_ids=[ids] * rows, monitors=monitors, follow={1: 0}, want_logits=True):
+                       prompt_ids=[ids] * rows, monitors=monitors, follow={1: 0}, want_logits=True, tag=tag,
+                       temperature=temperature, top_p=top_p, seed=seed):
         logits = step.logits.float()
         if not done_steered:
             logp = torch.log_softmax(logits[0], -1)

@@ -59,7 +59,9 @@ def test_extract_then_generate(tiny_dir, texts, tmp_path, capsys):
             "--max-new-tokens", "6", "--json"]
     code, stdout, _ = run(capsys, *args, "--strength", "0")
     result = json.loads(stdout)
-    assert set(result) == {"baseline", "steered"} and result["baseline"] == result["steered"]
+    assert {"baseline", "steered", "kl", "perplexity", "refusal"} <= set(result)
+    assert result["baseline"] == result["steered"]  # strength 0: the steered row is the unsteered model
+    assert abs(result["kl"]) < 1e-6  # the shadow row reads the same tokens with the same logits
     code, stdout, _ = run(capsys, *args, "--strength", "50", "--layer", "1")
     result = json.loads(stdout)
     assert result["baseline"] != result["steered"]

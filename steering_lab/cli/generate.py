@@ -69,10 +69,7 @@ def steers_from_args(args: argparse.Namespace, lm) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..generate import generate
-    from ..intervene import Steer
 
     check(args.prompt.strip() != "", "--prompt is empty")
     check_steer_args(args)
@@ -85,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dynamic is not None:
         check(args.dynamic > 0, "--dynamic needs a positive TAU")
     lm = common.load_model_from_args(args)
+    metrics: dict = {}
     steers = steers_from_args(args, lm)
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                 system=args.system)
@@ -105,27 +103,31 @@ def run(args: argparse.Namespace) -> int:
                                     layers=[s.layers for s in steers], tau=args.dynamic,
                                     max_new_tokens=args.max_new_tokens, system=args.system))
         steered = last.text
-    elif controller is not None:
-        controller.check_model(lm)
-        scale, weights = controller.decide(lm, [args.prompt])
-        rows = controller.steering(torch.cat([torch.zeros_like(scale), scale]), torch.cat([weights, weights]))
-        baseline, steered = generate(lm, [args.prompt, args.prompt], rows, **opts)
-        print(f"controller scale {float(scale[0]):.3f} (applied: {float(scale[0]) >= controller.threshold})",
-              file=sys.stderr)
-    elif not steers:
+    elif not steers and controller is None:
         baseline, steered = generate(lm, [args.prompt], **opts)[0], None
-    elif args.operator == "clamp":  # clamping to 0 is not the identity: run the baseline apart
-        baseline = generate(lm, [args.prompt], **opts)[0]
-        steered = generate(lm, [args.prompt], steers, **opts)[0]
-    else:  # one batch: row 0 at strength 0 (identical to unsteered), row 1 steered
-        rows = [Steer(s.vector, [0.0, float(s.strength)], layers=s.layers, operator=s.operator) for s in steers]
-        baseline, steered = generate(lm, [args.prompt, args.prompt], rows, **opts)
+    else:  # the same function as the app's Steer tab: baseline, steered and live metrics in one batch
+        from ..generate import final
+        from ..live import live_stream
+
+        if controller is not None:
+            controller.check_model(lm)
+            scale, weights = controller.decide(lm, [args.prompt])
+            steers = controller.steering(scale, weights)
+            print(f"controller scale {float(scale[0]):.3f} (applied: {float(scale[0]) >= controller.threshold})",
+                  file=sys.stderr)
+        last = final(live_stream(lm, args.prompt, steers, max_new_tokens=args.max_new_tokens, system=args.system,
+                                 temperature=args.temperature, seed=args.seed))
+        baseline, steered = last.baseline, last.steered
+        metrics = {"kl": round(last.mean_kl, 4), "perplexity": round(last.perplexity, 3), "refusal": last.refusal}
     if args.json:
-        print(json.dumps({"baseline": baseline, "steered": steered}, ensure_ascii=False))
+        print(json.dumps({"baseline": baseline, "steered": steered, **metrics}, ensure_ascii=False))
     else:
         print("=== baseline ===")
         print(baseline)
         if steered is not None:
             print("=== steered ===")
             print(steered)
+        if metrics:
+            print("=== cost === mean KL(steered || unsteered) {kl} nats · perplexity under the unsteered model "
+                  "{perplexity} · refusal opening: {refusal}".format(**metrics))
     return 0

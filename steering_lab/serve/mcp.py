@@ -186,10 +186,12 @@ def register(ctx) -> None:
     ``/generate`` and ``/extract`` keep the positional arguments they had before the tools existed."""
     import gradio as gr
 
-    from ..ui.context import MODEL_QUEUE
+    from ..ui.context import GENERATE_LIMIT, GENERATE_QUEUE, MODEL_QUEUE
 
     for api_name, (fn, model) in tools(ctx).items():
-        if model:
+        if api_name == "generate":  # concurrent callers share the engine's batch
+            gr.api(fn, api_name=api_name, concurrency_id=GENERATE_QUEUE, concurrency_limit=GENERATE_LIMIT)
+        elif model:
             gr.api(fn, api_name=api_name, concurrency_id=MODEL_QUEUE, concurrency_limit=1)
         else:  # queued too (not on the model's queue): the call then carries a session, so in per-visitor
             # mode a client's own saved vectors are listed alongside the shipped ones

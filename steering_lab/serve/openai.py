@@ -355,7 +355,7 @@ def register(ctx) -> None:
     """Add the undocumented ``/openai_chat`` event to the Blocks being built (call inside ``gr.Blocks``)."""
     import gradio as gr
 
-    from ..ui.context import MODEL_QUEUE, gpu
+    from ..ui.context import GENERATE_LIMIT, GENERATE_QUEUE, gpu
 
     @gpu
     def openai_chat(body: dict) -> Iterator[dict]:
@@ -366,8 +366,8 @@ def register(ctx) -> None:
             raise gr.Error(exc.message) from None
         yield from chat_states(ctx, req)
 
-    gr.api(openai_chat, api_name=API_NAME, api_visibility="undocumented", concurrency_id=MODEL_QUEUE,
-           concurrency_limit=1)
+    gr.api(openai_chat, api_name=API_NAME, api_visibility="undocumented", concurrency_id=GENERATE_QUEUE,
+           concurrency_limit=GENERATE_LIMIT)
 
 
 def models_body(ctx) -> dict:

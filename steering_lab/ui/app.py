@@ -53,6 +53,11 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
 
         demo.load(on_visit, visitor, [visitor, *library["outputs"]], queue=False, api_visibility="private")
 
+        def on_leave(request: gr.Request):  # a closed tab: its generation stops, its run id is dropped
+            ctx.end_session(request.session_hash)
+
+        demo.unload(on_leave)
+
         # named API endpoints, also the MCP tools (/generate, /extract, /sweep, ...; serve/mcp.py), and
         # the queued event behind the OpenAI-compatible routes (serve/openai.py)
         from ..serve import mcp as mcp_tools

@@ -1,9 +1,10 @@
 """What the app shares: the model (read-only), the libraries, and per-session run ids.
 
-Steering state never lives here: each event builds its own interventions from its inputs and
-attaches them for the duration of its generation (``steer`` removes them on every exit). All
-events that touch the model run under one concurrency id, so one user's hooks never meet
-another user's forward pass.
+Steering state never lives here: each event builds its own request (its interventions, from its
+inputs) and the model's decode engine batches concurrent visitors' requests, each row with its own
+steering. Generation events therefore run concurrently (``GENERATE_QUEUE``); jobs that train or
+extract run one at a time (``MODEL_QUEUE``). A session's new run, Stop, or a closed tab cancels
+that session's requests in the engine: their rows leave the batch at the next token.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 from ..model import LoadedModel, cache_root
 from .library import ROOT, ControllerLibrary, ProbeLibrary, VectorLibrary, make_libraries
 
-MODEL_QUEUE = "model"  # concurrency id of every event that runs the model
+MODEL_QUEUE = "model"  # concurrency id of jobs that train or extract (one at a time)
+GENERATE_QUEUE = "generate"  # concurrency id of generation events (batched together by the engine)
+GENERATE_LIMIT = int(os.environ.get("STEERING_LAB_CONCURRENCY", "16"))
 
 
 def gpu(fn):
@@ -39,10 +42,28 @@ class AppContext:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def new_run(self, session: str) -> int:
-        """A new run id for ``session``; any older run of that session stops at its next token."""
+        """A new run id for ``session``; any older run of that session stops at its next token (its
+        engine requests are cancelled now, whether or not their consumer ever resumes)."""
+        from ..engine import engine_for
+
         with self._lock:
             self._runs[session] = self._runs.get(session, 0) + 1
-            return self._runs[session]
+            run = self._runs[session]
+        engine_for(self.lm).cancel(session)
+        return run
+
+    def end_session(self, session: str) -> None:
+        """A closed tab: cancel its requests and forget its run id (the run table stays bounded)."""
+        from ..engine import engine_for
+
+        engine_for(self.lm).cancel(session)
+        with self._lock:
+            self._runs.pop(session, None)
+
+    @property
+    def sessions(self) -> int:
+        with self._lock:
+            return len(self._runs)
 
     def is_current(self, session: str, run: int) -> bool:
         with self._lock:

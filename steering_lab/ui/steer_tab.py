@@ -18,7 +18,7 @@ from ..intervene import OPERATORS, Steer
 from ..live import live_stream
 from ..monitor import DirectionMonitor, probe_monitor
 from .charts import monitor_figure
-from .context import MODEL_QUEUE, AppContext, gpu, user_errors
+from .context import GENERATE_LIMIT, GENERATE_QUEUE, AppContext, gpu, user_errors
 from .render import metrics_markdown, token_strip
 
 MAX_VECTORS = 3
@@ -98,7 +98,7 @@ def dynamic_run(ctx: AppContext, session: str, run: int, prompt: str, system: st
     baseline = cached["text"] if cached is not None and cached.get("key") == key else None
     start, shown, last, pieces, applied = time.perf_counter(), None, None, [], []
     for last in dynamic_stream(ctx.lm, prompt, items, layers=layers, tau=tau, max_new_tokens=max_tokens,
-                               system=system):
+                               system=system, tag=session):
         if not ctx.is_current(session, run):
             return
         pieces.append(ctx.lm.tokenizer.decode([last.token_ids[-1]], skip_special_tokens=True))
@@ -161,7 +161,7 @@ def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str
     shown = None  # when the screen was last updated
     last = None
     for last in live_stream(ctx.lm, prompt, steers, with_baseline=not reuse, monitors=monitors,
-                            max_new_tokens=max_tokens, system=system):
+                            max_new_tokens=max_tokens, system=system, tag=session):
         if not ctx.is_current(session, run):
             return  # a newer slider value or Stop: leave the stream (hooks come off with it)
         now = time.perf_counter()
@@ -277,7 +277,7 @@ def build(ctx: AppContext) -> dict:
     inputs = [session_run, prompt, system, vectors, *sliders, operator, layer, compose_mode, max_tokens, controller,
               probes, baseline_record, tau]
     outputs = [baseline, steered, metrics, strip, chart, baseline_record]
-    stream_opts = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1, show_progress="hidden",
+    stream_opts = dict(concurrency_id=GENERATE_QUEUE, concurrency_limit=GENERATE_LIMIT, show_progress="hidden",
                        api_visibility="private")
     deps = []
     for trigger in (go_btn.click, prompt.submit):
