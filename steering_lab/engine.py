@@ -319,7 +319,7 @@ class Engine:
     """The one decode loop of a model (see the module docstring). Thread-safe."""
 
     def __init__(self, lm: LoadedModel, *, max_rows: int = 256, fast: str | bool | None = None,
-                 min_capacity: int = 8, min_length: int = 256, compile: bool = False) -> None:
+                 min_capacity: int = 8, min_length: int = 64, compile: bool = False) -> None:
         """``fast``: ``None`` picks CUDA graphs on a single CUDA device for architectures that allow
         them, else eager; ``"graphs"``, ``"static"`` (static cache without capture: the same layout,
         for checking it on CPU) or ``"eager"``/``False``."""
@@ -347,6 +347,7 @@ class Engine:
         self._pending: deque[_RequestState] = deque()
         self._groups: list[_Group] = []
         self._driving = False
+        self._reap_due = False  # a request was cancelled: retire it even if no one drives (see _reap)
         self._step_lock = threading.Lock()
         self.steps_run = 0
 
@@ -374,7 +375,9 @@ class Engine:
                 if state.request.tag is not None and state.request.tag == tag and not state.cancelled:
                     state.cancelled = True
                     n += 1
+            self._reap_due = self._reap_due or n > 0
             self._cond.notify_all()
+        self._reap()
         return n
 
     @property
@@ -398,6 +401,24 @@ class Engine:
             self._driving = True
         try:
             self.step()
+        finally:
+            with self._cond:
+                self._driving = False
+                self._cond.notify_all()
+            self._reap()
+
+    def _reap(self) -> None:
+        """Retire cancelled requests now unless a thread is driving (the driver retires them at its
+        step boundary and calls this when it stops): a cancelled request whose consumer is gone (a
+        closed tab, a cancelled job) leaves the batch and frees its KV cache even when no one else
+        waits for a step."""
+        with self._cond:
+            if self._driving or not self._reap_due:
+                return
+            self._driving, self._reap_due = True, False
+        try:
+            with self._step_lock:
+                self._retire()
         finally:
             with self._cond:
                 self._driving = False
@@ -757,7 +778,9 @@ class Handle:
     def cancel(self) -> None:
         with self.engine._cond:
             self._state.cancelled = True
+            self.engine._reap_due = True
             self.engine._cond.notify_all()
+        self.engine._reap()
 
     @property
     def cancelled(self) -> bool:

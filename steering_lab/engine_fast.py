@@ -27,6 +27,40 @@ from .intervene import BatchPlan, RowOp, Slot, capture, steer_batch
 log = logging.getLogger(__name__)
 
 LENGTH_STEP = 64
+DECODE_ATTENTION = "steering_lab_decode"
+
+
+def _decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention for one new token per row over the static cache: grouped-query heads read each key
+    and value once (no ``repeat_kv`` copy of the whole cache per step); anything else goes to sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    if q != 1 or h % hkv or kwargs.get("softcap") is not None or (dropout and module.training):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else d ** -0.5
+    grouped = query.reshape(b, hkv, h // hkv, d)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [b, hkv, rep, L]
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, -1:, : key.shape[-2]].float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [b, hkv, rep, d]
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+        return True
+    except Exception:  # noqa: BLE001 - older transformers: plain sdpa then
+        log.info("could not register the decode attention; the fast path uses the model's own")
+        return False
 
 
 def _next_pow2(n: int) -> int:
@@ -300,8 +334,17 @@ class StaticGroup:
         if forward_accepts(lm.model, "logits_to_keep"):
             kwargs["logits_to_keep"] = 1
         forward = self.engine.model_forward()
-        with torch.inference_mode(), steer_batch(lm, self.plan), capture(lm, watch, fn=keep):
-            out = forward(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, **kwargs)
+        config = lm.model.config
+        old = getattr(config, "_attn_implementation", None)
+        swap = old in ("sdpa", "eager") and _ATTENTION_OK
+        try:
+            if swap:  # for the static step only (a prompt, q_len > 1, would fall back to sdpa anyway)
+                config._attn_implementation = DECODE_ATTENTION
+            with torch.inference_mode(), steer_batch(lm, self.plan), capture(lm, watch, fn=keep):
+                out = forward(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, **kwargs)
+        finally:
+            if swap:
+                config._attn_implementation = old
         return out.logits[:, -1].float(), bufs
 
     def _replay(self, key: tuple, watch: list[int]) -> tuple[torch.Tensor, dict]:
@@ -333,3 +376,6 @@ class StaticGroup:
         log.info("captured a decode step: %d rows x %d slots, steering %s, monitors %s", self.capacity, self.length,
                  self.structure, watch)
         return graph, g_logits, g_bufs
+
+
+_ATTENTION_OK = _register_attention()

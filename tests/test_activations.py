@@ -75,3 +75,13 @@ def test_bad_input(tiny):
         collect(tiny, PROMPTS, position="first")
     with pytest.raises(UserError, match="2 responses"):
         collect(tiny, PROMPTS, RESPONSES[:2])
+
+
+def test_batched_prompt_encoding_equals_one_by_one(tiny):
+    from steering_lab.activations import encode_many
+
+    prompts = ["Tell me about your weekend.", "What is 2 + 2?", "  spaces  and\nnewlines  "]
+    for system in (None, "You are terse."):
+        for chat in (True, False):
+            assert encode_many(tiny, prompts, chat=chat, system=system) == [
+                tiny.encode_prompt(p, system=system, chat=chat) for p in prompts]
