@@ -257,3 +257,22 @@ def test_static_cache_layout_gives_the_eager_tokens(tiny_tokenizer, arch):
     assert results["static"][0] == results["eager"][0]
     torch.testing.assert_close(torch.tensor(results["static"][1]), torch.tensor(results["eager"][1]),
                                atol=1e-4, rtol=1e-4)  # separate passes over different cache layouts
+
+
+@pytest.mark.real
+def test_real_model_static_layout_equals_eager(smol, sentiment_vector):
+    """The fast path's cache layout on the embedded model (without graph capture on CPU): the same
+    greedy tokens as the eager engine, steered and unsteered, with rows joining mid-stream."""
+    vec, _ = sentiment_vector
+    k = vec.recommended_layer
+    ids = [smol.encode_prompt(p) for p in PROMPTS[:3]]
+    steers = [[Steer(vec, -10.0, layers=[k])], [], [Steer(vec, 6.0, layers=[k - 2, k])]]
+    got = {}
+    for mode in ("eager", "static"):
+        eng = Engine(smol, fast=mode)
+        first = iter(eng.submit(Request(prompt_ids=[ids[0]], steering=steers[0], max_new_tokens=20)))
+        for _ in range(4):
+            next(first)
+        others = [eng.submit(Request(prompt_ids=[ids[i]], steering=steers[i], max_new_tokens=20)) for i in (1, 2)]
+        got[mode] = [list(first)[-1].token_ids[0]] + [h.result().token_ids[0] for h in others]
+    assert got["static"] == got["eager"]
