@@ -256,7 +256,8 @@ def report(meta: dict, rows: list[dict]) -> str:
     lines.append(f"\nPrompt tokenization identical in {sum(r['same_prompt_tokens'] for r in rows)}/{len(rows)} runs.")
     lines += ["", "## Reading", "",
               "- **Same weights, same tokens.** On the F32 copy of the GGUF (bit-identical to the float32 weights "
-              "our model runs; spot-checked: token_embd, blk.0.ffn_down, blk.5.attn_v equal bit for bit) llama.cpp with our exported file produces the same "
+              "our model runs; spot-checked: token_embd, blk.0.ffn_down, blk.5.attn_v equal bit for bit) "
+              "llama.cpp with our exported file produces the same "
               "greedy text as our hook, and the baked-scale file loaded with `--control-vector` gives the same "
               "text as `--control-vector-scaled FILE:S`. A remaining difference is a near-tie (see *max gap*) "
               "from a different summation order.",
