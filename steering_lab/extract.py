@@ -246,6 +246,7 @@ def extract(lm: LoadedModel, contrast: ContrastSet, method: str = "mean_diff", *
         recommended_strength=table.recommended_strength, normalized=True,
         description=description or contrast.description or f"{contrast.name} ({method})",
         extra={"position": position, "chat": chat, "labels": list(contrast.labels),
+               "model_type": getattr(lm.model.config, "model_type", None),
                "n_positive": len(contrast.positive), "n_negative": len(contrast.negative),
                "raw_norms": raw_norms, "layer_scan": table.to_dict()},
     )
