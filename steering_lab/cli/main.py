@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import UserError
-from . import app, common, export, extract, generate, library, probes, refusal, sweep
+from . import app, common, export, extract, generate, library, probes, refusal, sae, sweep
 
-GROUPS = (extract, generate, sweep, refusal, probes, export, library, app)
+GROUPS = (extract, generate, sweep, refusal, probes, export, sae, library, app)
 
 
 class _Version(argparse.Action):
