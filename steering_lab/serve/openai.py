@@ -415,7 +415,9 @@ def mount(app, ctx, demo=None, api_key: str | None = None) -> None:
         if not client_box:
             from gradio_client import Client
 
-            client_box.append(Client(demo.local_url, verbose=False, download_files=False, analytics_enabled=False))
+            # generation can wait in the queue behind other visitors: no read timeout on our own loopback calls
+            client_box.append(Client(demo.local_url, verbose=False, download_files=False, analytics_enabled=False,
+                                     httpx_kwargs={"timeout": None}))
         return client_box[0]
 
     @router.get("/v1/models")
