@@ -1,4 +1,6 @@
-"""Load (issue 12): the app launched on the real embedded model, 8 concurrent gradio_client sessions
+"""Load (issue 12; named to run last: its 8 gradio_client sessions can outlive the test by a moment and
+were seen reaching a later module's server on a reused loopback port).
+the app launched on the real embedded model, 8 concurrent gradio_client sessions
 with 25 requests each - the named ``/generate`` endpoint and the streaming ``/openai_chat`` event,
 different vectors, layers, operators and strengths - and seeded random cancellations of streams in
 flight. Every completed output equals the same request run alone in-process (greedy, token for
@@ -153,7 +155,17 @@ def run_load(url: str, n: int, base_seed: int, cancel_p: float) -> list:
     return results
 
 
-def test_eight_sessions_of_25_requests_with_cancellations(smol, tmp_path):
+@pytest.fixture(scope="module")
+def own_lm():
+    """The embedded model loaded once more (from its cache, ~1 s): this test's server, its engine and any
+    worker thread still finishing a cancelled non-streaming call stay apart from the rest of the suite."""
+    from steering_lab.model import load_model
+
+    return load_model()
+
+
+def test_eight_sessions_of_25_requests_with_cancellations(own_lm, tmp_path):
+    smol = own_lm
     from steering_lab.ui.app import build_demo
 
     ctx = make_context(smol, user_dir=tmp_path)
