@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, check
+from .resources import cache_root  # noqa: F401 - one definition, re-exported here
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,6 @@ LAYER_PATHS = (
     "backbone.layers",
     "layers",
 )
-
-
-def cache_root() -> Path:
-    """Per-user cache directory (``$STEERING_LAB_CACHE``, else ``$XDG_CACHE_HOME/steering_lab``)."""
-    env = os.environ.get("STEERING_LAB_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "steering_lab"
 
 
 def embedded_gguf_path() -> Path:
