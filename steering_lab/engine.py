@@ -471,10 +471,6 @@ class Engine:
                     self._groups.remove(group)
                 if getattr(group, "static", False):
                     self._idle_static = [group] + self._idle_static[:1]
-        self._trim_cuda_cache()
-
-    def _trim_cuda_cache(self) -> None:
-        pass
 
     def _admit(self) -> None:
         while True:
