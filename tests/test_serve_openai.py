@@ -144,6 +144,31 @@ def test_clear_4xx_errors(served):
         ask(client, model="gpt-4o")
 
 
+@pytest.mark.real
+def test_a_client_leaving_mid_stream_cancels_its_request_and_the_server_keeps_serving(served):
+    """Regression: the route cancelled the queued job with a blocking HTTP call on the server's own
+    event loop, which deadlocked the whole app (CI hung for 90 minutes)."""
+    import time
+
+    from steering_lab.engine import engine_for
+
+    ctx, client = served
+    chunks = ask(client, max_tokens=400, stream=True)
+    got = [c for _, c in zip(range(4), chunks)]
+    chunks.close()  # the client goes away with ~395 tokens left
+    assert len(got) == 4
+    engine = engine_for(ctx.lm)
+    deadline = time.monotonic() + 60
+    while not engine.idle and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.idle, "the abandoned request is still in the engine"
+    quick = client.with_options(timeout=60)  # a deadlocked server fails here instead of hanging
+    for _ in range(3):
+        out = ask(quick, max_tokens=4)
+        assert out.usage.completion_tokens == 4
+    assert hook_count(ctx.lm.model) == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_ctx(tiny, tmp_path_factory):
     shipped = tmp_path_factory.mktemp("shipped")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -482,6 +483,7 @@ def mount(app, ctx, demo=None, api_key: str | None = None) -> None:
             finally:
                 await anyio.to_thread.run_sync(it.close)
         job = await anyio.to_thread.run_sync(lambda: client().submit(body, api_name=f"/{API_NAME}"))
+        ended = False
         try:
             async for update in job:
                 if update.type != "output":
@@ -492,6 +494,7 @@ def mount(app, ctx, demo=None, api_key: str | None = None) -> None:
                                    "server_error", "server_error")
                 out = update.outputs
                 if update.final:  # the final update wraps the last output as {"data": [state]}
+                    ended = True
                     data = out.get("data") if isinstance(out, dict) else None
                     if data and isinstance(data[0], dict):
                         yield data[0]
@@ -499,8 +502,10 @@ def mount(app, ctx, demo=None, api_key: str | None = None) -> None:
                 if isinstance(out, dict) and "texts" in out:  # intermediate updates carry the state itself
                     yield out
         finally:
-            if not job.done():
-                job.cancel()
+            if not ended and not job.done():
+                # Job.cancel() is a blocking POST to this same server: never on its event loop (that
+                # deadlocks the whole app), and not awaited (a closed generator may not await)
+                threading.Thread(target=job.cancel, name="openai-cancel", daemon=True).start()
 
     async def _achunks(req: ChatRequest, states, cid: str, created: int):
         """:class:`Chunker` over an async source of states; a failure mid-stream ends it with an error event."""
