@@ -548,3 +548,117 @@ def steer_batch(target: Any, plan: BatchPlan | None) -> Iterator[BatchPlan | Non
     finally:
         for h in handles:
             h.remove()
+
+
+# ---- attention-head outputs -------------------------------------------------------------------
+#
+# The second hook site: the input of each block's attention output projection, ``z`` of shape
+# [B, T, n_heads * head_dim], seen per head as [B, T, n_heads, head_dim]. Head h's contribution to
+# the residual stream is ``z[..., h, :] @ W_O[:, h*hd:(h+1)*hd].T`` (see :func:`head_output_weight`).
+# Function vectors and attribution patching read and edit heads here; no other module hooks heads.
+
+HEAD_SITES = ("self_attn.o_proj", "self_attn.out_proj", "self_attn.dense", "attn.c_proj",
+              "attn.out_proj", "attention.dense", "attn.attention.out_proj")
+
+
+def head_site(block: nn.Module) -> nn.Module:
+    """The attention output projection of a decoder block (its input is the heads' outputs)."""
+    for path in HEAD_SITES:
+        m = block
+        for part in path.split("."):
+            m = getattr(m, part, None)
+            if m is None:
+                break
+        if isinstance(m, nn.Module):
+            return m
+    raise UserError(f"cannot find the attention output projection in {type(block).__name__} "
+                    f"(tried {', '.join(HEAD_SITES)})")
+
+
+def head_shape(target: Any) -> tuple[int, int]:
+    """``(n_heads, head_dim)`` of the model's attention (query heads)."""
+    model, _ = _resolve_model(target)
+    cfg = model.config
+    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    check(n_heads, f"cannot tell the number of attention heads of {type(model).__name__}")
+    head_dim = getattr(cfg, "head_dim", None) or _width(model) // int(n_heads)
+    return int(n_heads), int(head_dim)
+
+
+def head_output_weight(target: Any, layer: int) -> torch.Tensor:
+    """``W_O`` of block ``layer`` as [d_model, n_heads * head_dim] (``nn.Linear`` layout; GPT-2's
+    ``Conv1D`` is transposed to it)."""
+    _, blocks = _resolve_model(target)
+    check(0 <= layer < len(blocks), f"layer {layer} is out of range: the model has {len(blocks)} blocks")
+    site = head_site(blocks[layer])
+    w = site.weight
+    return w.t() if type(site).__name__ == "Conv1D" else w
+
+
+@dataclass
+class HeadCapture:
+    """Head outputs recorded during forward passes: ``outputs[k]`` is a list (one per pass) of
+    [B, T, n_heads, head_dim] tensors."""
+
+    layers: list[int]
+    outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def last(self, k: int) -> torch.Tensor:
+        return self.outputs[k][-1]
+
+    def clear(self) -> None:
+        for v in self.outputs.values():
+            v.clear()
+
+
+@contextmanager
+def heads(target: Any, layers: Sequence[int] | None = None, *, read: bool = True,
+          edit: Mapping[int, Any] | None = None, keep_grad: bool = False) -> Iterator[HeadCapture]:
+    """Read and/or edit attention-head outputs of blocks ``layers`` (default all, plus every layer
+    in ``edit``) for forward passes run by this thread inside the block; hooks removed on exit.
+
+    ``edit[k](z) -> z'`` maps block k's head outputs [B, T, n_heads, head_dim] before the output
+    projection (patch a head with a mean activation, zero it, add to it); ``read`` records them
+    (after the edit). With ``keep_grad`` the recorded tensors stay in the autograd graph, so
+    ``torch.autograd.grad(metric, cap.outputs[k])`` gives the gradient at each head (run the forward
+    with grad enabled and something upstream requiring grad, e.g. ``inputs_embeds``)."""
+    model, blocks = _resolve_model(target)
+    edit = dict(edit or {})
+    wanted = sorted(set(range(len(blocks)) if layers is None else {int(k) for k in layers}) | set(edit))
+    for k in wanted:
+        check(0 <= k < len(blocks), f"layer {k} is out of range: the model has {len(blocks)} blocks")
+    for k, fn in edit.items():
+        check(callable(fn), f"edit for layer {k} must be a callable z -> z")
+    n_heads, head_dim = head_shape(model)
+    cap = HeadCapture(layers=wanted, outputs={k: [] for k in wanted} if read else {})
+    owner = threading.get_ident()
+
+    def make_hook(k: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            z = args[0] if args else kwargs["hidden_states"]
+            check(z.shape[-1] == n_heads * head_dim,
+                  f"block {k}: attention output has width {z.shape[-1]}, expected {n_heads} x {head_dim}")
+            z4 = z.view(*z.shape[:-1], n_heads, head_dim)
+            if k in edit:
+                new = edit[k](z4)
+                check(isinstance(new, torch.Tensor) and new.shape == z4.shape,
+                      f"head edit for layer {k} must return a tensor of shape {tuple(z4.shape)}")
+                z4 = new.to(z.dtype)
+            if read:
+                cap.outputs[k].append(z4 if keep_grad else z4.detach())
+            if k not in edit and not (read and keep_grad):
+                return None
+            z = z4.reshape(z.shape)  # with keep_grad the recorded z4 itself feeds the projection
+            return ((z, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": z})
+        return hook
+
+    handles = []
+    try:
+        for k in wanted:
+            handles.append(head_site(blocks[k]).register_forward_pre_hook(make_hook(k), with_kwargs=True))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()

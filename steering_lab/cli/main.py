@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,7 +12,23 @@ from collections.abc import Sequence
 from ..errors import UserError
 from . import app, common, export, extract, generate, library, probes, refusal, sae, sweep
 
-GROUPS = (extract, generate, sweep, refusal, probes, export, sae, library, app)
+# command groups of the methods being added (issue 15), each a sibling module with register(sub)
+METHOD_GROUPS = ("transport", "function_vectors", "pplm", "attribution", "transfer", "crosslingual")
+
+
+def _method_groups():
+    found = []
+    for name in METHOD_GROUPS:
+        full = f"{__package__}.{name}"
+        try:
+            found.append(importlib.import_module(full))
+        except ModuleNotFoundError as exc:
+            if exc.name != full:
+                raise
+    return tuple(found)
+
+
+GROUPS = (extract, generate, sweep, refusal, probes, export, sae, *_method_groups(), library, app)
 
 
 class _Version(argparse.Action):

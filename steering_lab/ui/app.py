@@ -10,7 +10,7 @@ import sys
 
 import gradio as gr
 
-from . import extract_tab, features_tab, library_tab, probes_tab, steer_tab, sweep_tab
+from . import extract_tab, features_tab, library_tab, methods_tab, probes_tab, steer_tab, sweep_tab
 from .context import AppContext, make_context
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,10 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                     "the output of decoder block k.")
         with gr.Tab("Steer"):
             steer = steer_tab.build(ctx)
+            methods_tab.build(ctx, steer, "steer")
         with gr.Tab("Extract"):
             extract_tab.build(ctx, steer)
+            methods_tab.build(ctx, steer, "extract")
         with gr.Tab("Sweep"):
             sweep = sweep_tab.build(ctx, steer)
         with gr.Tab("Probes"):
