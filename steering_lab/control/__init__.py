@@ -1,0 +1,1 @@
+"""Deciding when and how hard to steer, beyond adding a vector: PPLM."""

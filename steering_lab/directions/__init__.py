@@ -1,0 +1,1 @@
+"""Where directions come from beyond contrast extraction: transport maps, function vectors, cross-model transfer."""

@@ -1,0 +1,1 @@
+"""Measuring what a direction does: attribution patching, cross-lingual checks."""
