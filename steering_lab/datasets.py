@@ -215,14 +215,32 @@ def refusal_responses() -> list[str]:
 # One split of the instruction sets for everything that trains or selects on them (refusal
 # direction, refusal-style strength, probes, CAST, controller): train / val (selection,
 # calibration) / test (held out, reported). Line i of harmful.txt and harmless.txt share a topic.
-SPLITS = {"train": (0, 60), "val": (60, 80), "test": (80, None)}
+# Lines 105 on ("varied") are extra training prompts in many styles (polite, terse, role-play,
+# hypothetical, long, typos, "for a story", harmless lines sharing words with harmful ones); they
+# are training data only, so the train/val/test lines 0-104 above stay what they always were.
+SPLITS = {"train": (0, 60), "val": (60, 80), "test": (80, 105), "varied": (105, None)}
 
 
 def instruction_split(split: str) -> tuple[list[str], list[str]]:
-    """``(harmful, harmless)`` instructions of ``split`` (train, val or test)."""
+    """``(harmful, harmless)`` instructions of ``split`` (train, val, test or varied)."""
     check(split in SPLITS, f"unknown split {split!r} (choose {', '.join(SPLITS)})")
     lo, hi = SPLITS[split]
     return harmful_instructions()[lo:hi], harmless_instructions()[lo:hi]
+
+
+# A differently styled held-out set (chat messages with context, emails, forum posts, indirect
+# phrasings): never trained on. Its lines alternate between validation (even line numbers, for
+# threshold calibration) and test (odd, reported only); line i of the two files share a topic.
+STYLE2_SPLITS = ("val", "test")
+
+
+def style2_split(split: str) -> tuple[list[str], list[str]]:
+    """``(harmful, harmless)`` prompts of the style-2 held-out set: ``val`` or ``test`` (disjoint)."""
+    check(split in STYLE2_SPLITS, f"unknown style-2 split {split!r} (choose {', '.join(STYLE2_SPLITS)})")
+    start = STYLE2_SPLITS.index(split)
+    harmful = _lines(_data_text("heldout/harmful_style2.txt"))
+    harmless = _lines(_data_text("heldout/harmless_style2.txt"))
+    return harmful[start::2], harmless[start::2]
 
 
 PROMPT_SETS = {
