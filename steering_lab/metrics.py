@@ -185,6 +185,46 @@ def score_texts(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str],
     return TextScores(perplexity=ppl, kl=kls, n_tokens=counts)
 
 
+def score_prompted(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str], system: str,
+                   steering: Steer | Sequence[Steer] = (), *, chat: bool = True,
+                   batch_size: int = 16) -> TextScores:
+    """What answering under a system prompt (and optional steering) costs, measured against the plain
+    model: per text, KL(p(. | system, prompt, text<t) [steered] || p(. | prompt, text<t) [unsteered])
+    over the text's tokens, and the perplexity of the text under the plain model. The same quantities
+    :func:`score_texts` gives for steering alone, so "prompted", "steered" and "prompted + steered"
+    rows compare on one scale."""
+    check(len(prompts) == len(texts), f"{len(prompts)} prompts but {len(texts)} texts")
+    check(len(texts) > 0, "no texts to score")
+    items = [steering] if isinstance(steering, Steer) else list(steering)
+    ppl, kls, counts = [], [], []
+    for start in range(0, len(texts), batch_size):
+        stop = min(start + batch_size, len(texts))
+        plain, sys_seqs, spans = [], [], []
+        for i in range(start, stop):
+            t_ids = lm.encode(texts[i], special=False)
+            plain.append(lm.encode_prompt(prompts[i], chat=chat) + t_ids)
+            sys_seqs.append(lm.encode_prompt(prompts[i], system=system, chat=chat) + t_ids)
+            spans.append(len(t_ids))
+        keep = max(spans) + 1  # the last keep positions of both left-padded batches are the text's
+        mask = torch.zeros((len(spans), keep - 1))
+        targets = torch.zeros((len(spans), keep - 1), dtype=torch.long)
+        for r, (seq, n) in enumerate(zip(plain, spans)):
+            targets[r] = torch.as_tensor(([lm.pad_id] * keep + seq)[-keep:][1:])
+            if n:
+                mask[r, keep - 1 - n:] = 1
+        base = _teacher_forced(lm, plain, (), keep)[:, :-1]
+        rows = [_slice_rows(item, start, stop) for item in items]
+        other = _teacher_forced(lm, sys_seqs, rows, keep)[:, :-1]
+        logp = torch.log_softmax(base, -1).gather(-1, targets[..., None])[..., 0]
+        nll = -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        kl = kl_from_logits(other, base, mask)
+        for r, n in enumerate(spans):
+            ppl.append(float(math.exp(nll[r])) if n else float("nan"))
+            kls.append(float(kl[r]) if n else float("nan"))
+            counts.append(n)
+    return TextScores(perplexity=ppl, kl=kls, n_tokens=counts)
+
+
 def _slice_rows(item: Steer, start: int, stop: int) -> Steer:
     """The rows ``start:stop`` of a batch-wide intervention (per-row strengths and row mask)."""
     s = torch.as_tensor(item.strength, dtype=torch.float32).reshape(-1)

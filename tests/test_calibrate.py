@@ -1,0 +1,108 @@
+"""Effect measures, calibration search and the prompting baseline (issue "steering that holds up"),
+on the tiny model: the bookkeeping is exact, the search finds what a constructed scorer rewards."""
+
+import math
+
+import pytest
+import torch
+
+from steering_lab.errors import UserError
+from steering_lab.intervene import hook_count
+from steering_lab.measure.calibrate import (
+    Point,
+    calibrate,
+    default_instruction,
+    evaluate,
+    pareto_front,
+    prompting_rows,
+    record,
+)
+from steering_lab.measure.effect import EffectMeasure, measure_of, register_scorer, scorer_for, set_measure
+from steering_lab.metrics import score_prompted, score_texts
+from steering_lab.vector import SteeringVector
+
+PROMPTS = ["How was your weekend?", "Describe a library.", "What is rain?"]
+
+
+@pytest.fixture(scope="module")
+def vec(tiny):
+    g = torch.Generator().manual_seed(3)
+    return SteeringVector(directions={k: torch.randn(tiny.d_model, generator=g) for k in range(tiny.n_layers)},
+                          model=tiny.name, recommended_layer=1, recommended_strength=2.0, description="random")
+
+
+def length_scorer(prompts, texts):
+    return [float(len(t)) for t in texts]
+
+
+def test_effect_measure_round_trip_and_errors(tmp_path, vec):
+    m = EffectMeasure(kind="probe", name="sentiment", sign=-1)
+    assert EffectMeasure.from_dict(m.to_dict()) == m
+    v = SteeringVector(directions=dict(vec.directions), model=vec.model)
+    assert measure_of(v) is None
+    set_measure(v, m)
+    v.save(tmp_path / "v")
+    assert measure_of(SteeringVector.load(tmp_path / "v")) == m
+    for bad in ({"kind": "vibes"}, {"kind": "probe"}, {"kind": "refusal", "sign": 2}, "probe"):
+        with pytest.raises(UserError):
+            EffectMeasure.from_dict(bad)
+    with pytest.raises(UserError, match="no scorer called"):
+        scorer_for(None, EffectMeasure(kind="scorer", name="nope-not-registered"))
+    register_scorer("test-length", length_scorer)
+    fn = scorer_for(None, EffectMeasure(kind="scorer", name="test-length", sign=-1))
+    assert fn(["a", "b"], ["xx", "xxxx"]) == [-2.0, -4.0]
+    refusal = scorer_for(None, EffectMeasure(kind="refusal"))
+    assert refusal(["a", "b"], ["I'm sorry, but I can't help with that.", "Sure! Here it is."]) == [1.0, 0.0]
+
+
+def test_pareto_front_is_exactly_the_non_dominated_points():
+    pts = [Point(1, s, e, k, 1.0, 1.0, 1) for s, e, k in [(1, 0.1, 0.1), (2, 0.5, 0.2), (3, 0.4, 0.3), (4, 0.9, 0.9),
+                                                          (5, 0.9, 1.0), (6, float("nan"), 0.1)]]
+    front = pareto_front(pts)
+    assert [p.strength for p in front] == [1, 2, 4]
+
+
+def test_evaluate_strength_zero_is_the_unsteered_model(tiny, vec):
+    pts = evaluate(tiny, vec, PROMPTS, [(1, 0.0), (2, 0.0), (1, 3.0)], length_scorer, max_new_tokens=6)
+    assert pts[0].kl == 0 and pts[1].kl == 0 and pts[0].effect == pts[1].effect
+    assert pts[0].perplexity == pytest.approx(pts[1].perplexity, rel=1e-6)
+    assert pts[2].kl > 0
+    assert hook_count(tiny.model) == 0
+
+
+def test_calibrate_picks_the_largest_fluent_effect_and_records_it(tiny, vec):
+    v = SteeringVector(directions=dict(vec.directions), model=vec.model, recommended_layer=1, recommended_strength=2.0)
+    cal = calibrate(tiny, v, PROMPTS, lambda p, t: [0.0] * len(t), layers=[0, 1, 2], strengths=[1.0, 4.0],
+                    max_new_tokens=6, test_prompts=PROMPTS[:2], max_ppl_ratio=1e9, min_distinct_ratio=0.0)
+    assert {(p.layer, p.strength) for p in cal.points} >= {(k, s) for k in (0, 1, 2) for s in (1.0, 4.0)}
+    assert cal.constant.layer == 1 and cal.constant.strength == 2.0
+    assert cal.baseline.strength == 0 and cal.baseline.kl == 0
+    # every effect is 0: ties are broken by the lower KL, and every point is fluent
+    assert cal.chosen.kl == min(p.kl for p in cal.points)
+    assert set(cal.test) >= {"calibrated", "constant_rule", "unsteered"} and cal.test["reported_on"] == "test"
+    assert cal.settings["selected_on"] == "val"
+    record(v, cal)
+    assert v.recommended_layer == cal.chosen.layer and v.recommended_strength == cal.chosen.strength
+    assert v.extra["calibration"]["constant_rule"]["strength"] == 2.0
+    # a negative direction flips the strengths' sign
+    neg = calibrate(tiny, vec, PROMPTS, length_scorer, layers=[1], strengths=[1.0], direction=-1, max_new_tokens=4)
+    assert all(p.strength <= 0 for p in neg.points)
+    with pytest.raises(UserError, match="positive magnitudes"):
+        calibrate(tiny, vec, PROMPTS, length_scorer, layers=[1], strengths=[-1.0])
+    with pytest.raises(UserError, match="at least 2"):
+        calibrate(tiny, vec, PROMPTS[:1], length_scorer)
+    assert hook_count(tiny.model) == 0
+
+
+def test_prompted_cost_is_zero_for_an_empty_difference_and_rows_line_up(tiny, vec):
+    texts = ["It was fine.", "Books, quiet.", "Water falling."]
+    plain = score_texts(tiny, PROMPTS, texts)
+    # a system prompt changes the distribution (KL > 0); perplexity is always the plain model's
+    prompted = score_prompted(tiny, PROMPTS, texts, "Be brief.")
+    assert all(math.isfinite(k) and k >= 0 for k in prompted.kl) and any(k > 0 for k in prompted.kl)
+    assert prompted.perplexity == pytest.approx(plain.perplexity, rel=1e-5)  # the plain model's perplexity
+    rows = prompting_rows(tiny, vec, PROMPTS, length_scorer, "Be brief.", layer=1, strength=2.0, max_new_tokens=5)
+    assert list(rows) == ["unsteered", "prompted", "steered", "prompted + steered"]
+    assert rows["unsteered"]["kl"] == 0 and rows["steered"]["kl"] > 0 and rows["prompted"]["kl"] > 0
+    assert default_instruction(vec).startswith("Answer")
+    assert hook_count(tiny.model) == 0
