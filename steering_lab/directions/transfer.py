@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..activations import collect
+from ..activations import Activations, collect
 from ..errors import UserError, check
 from ..model import LoadedModel
 from ..vector import SteeringVector, _now, read_pair, write_pair
@@ -318,13 +318,29 @@ def fit_converter(donor_lm: LoadedModel, recipient_lm: LoadedModel, prompts: Seq
     acts_r = collect(recipient_lm, prompts, layers=sorted(set(r_layers)), position="last", chat=chat,
                      batch_size=batch_size, progress=progress, desc="recipient activations")
     step(2, 3, "solving")
+    conv = converter_from_activations(donor_lm, recipient_lm, acts_d, acts_r, dict(zip(d_layers, r_layers)),
+                                      ridge=ridge, center=center, holdout=holdout, prompts_name=prompts_name)
+    conv.extra["chat"] = chat
+    step(3, 3, "done")
+    return conv
+
+
+def converter_from_activations(donor_lm: LoadedModel, recipient_lm: LoadedModel, acts_d: Activations,
+                               acts_r: Activations, layer_map: dict[int, int], *, ridge: float = 0.0,
+                               center: bool = True, holdout: float = 0.1, prompts_name: str = "") -> Converter:
+    """The solving half of :func:`fit_converter`, from activations already collected (row i of both = prompt i)."""
+    n = acts_d.acts.shape[0]
+    check(acts_r.acts.shape[0] == n, f"{n} donor rows but {acts_r.acts.shape[0]} recipient rows")
+    need = donor_lm.d_model + (1 if center else 0) + 1
+    check(ridge > 0 or n >= need, f"{n} activation rows; an exact least-squares map needs at least {need} "
+                                  "(or pass ridge > 0)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     n_test = int(round(holdout * n))
     if ridge == 0 and n - n_test < need:
         n_test = 0  # the held-out fit would be underdetermined: report the in-sample error only
     test, train = order[:n_test], order[n_test:]
     matrices, d_mean, r_mean, errors = {}, {}, {}, {}
-    for k, r in zip(d_layers, r_layers):
+    for k, r in layer_map.items():
         x, y = acts_d.at(k), acts_r.at(r)
         err: dict[str, float] = {}
         if n_test > 0:
@@ -334,13 +350,12 @@ def fit_converter(donor_lm: LoadedModel, recipient_lm: LoadedModel, prompts: Seq
         err["train"] = relative_error(x, y, w, mx, my)
         matrices[k], d_mean[k], r_mean[k] = w.float(), mx.float(), my.float()
         errors[k] = err
-    step(3, 3, "done")
-    return Converter(matrices=matrices, layer_map=dict(zip(d_layers, r_layers)), donor=donor_lm.name,
+    return Converter(matrices=matrices, layer_map=dict(layer_map), donor=donor_lm.name,
                      recipient=recipient_lm.name, d_donor=donor_lm.d_model, d_recipient=recipient_lm.d_model,
                      n_donor_layers=donor_lm.n_layers, n_recipient_layers=recipient_lm.n_layers, donor_mean=d_mean,
                      recipient_mean=r_mean, fit_error=errors, n_prompts=n, ridge=float(ridge), center=center,
                      prompts=prompts_name, method="ridge" if ridge > 0 else "lstsq",
-                     extra={"position": "last", "chat": chat, "n_holdout": n_test})
+                     extra={"position": acts_d.position, "n_holdout": n_test})
 
 
 # ---- transferring a vector --------------------------------------------------------------------------------
