@@ -662,3 +662,188 @@ def heads(target: Any, layers: Sequence[int] | None = None, *, read: bool = True
     finally:
         for h in handles:
             h.remove()
+
+
+# ---- attribution patching: queries, keys, attention re-runs, per-block gradient drop ------------
+#
+# Used by measure/attribution.py (AtP*): the query/key projections per head (read with or without
+# gradients, edit), the recorded inputs of each attention module (to re-run one attention exactly
+# with a patched query or key: the QK fix), and a block whose residual contribution passes no
+# gradient (GradDrop). Only architectures with separate ``q_proj``/``k_proj`` have query/key sites.
+
+QK_SITES = (("self_attn.q_proj", "self_attn.k_proj"),)
+
+
+def _path(block: nn.Module, path: str) -> nn.Module | None:
+    m = block
+    for part in path.split("."):
+        m = getattr(m, part, None)
+        if m is None:
+            return None
+    return m if isinstance(m, nn.Module) else None
+
+
+def has_qk_sites(target: Any) -> bool:
+    """Whether the model's blocks have separate query and key projections (``q_proj``/``k_proj``)."""
+    _, blocks = _resolve_model(target)
+    return any(all(_path(blocks[0], p) is not None for p in pair) for pair in QK_SITES)
+
+
+def qk_site(block: nn.Module, which: str) -> nn.Module:
+    """The query (``which="q"``) or key (``"k"``) projection of a decoder block."""
+    check(which in ("q", "k"), f"unknown projection {which!r} (choose q or k)")
+    for pair in QK_SITES:
+        m = _path(block, pair[0 if which == "q" else 1])
+        if m is not None:
+            return m
+    raise UserError(f"cannot find separate query/key projections in {type(block).__name__} "
+                    f"(tried {', '.join(p for pair in QK_SITES for p in pair)}); fused-QKV models are not supported")
+
+
+def kv_heads(target: Any) -> int:
+    """Number of key/value heads (grouped-query attention), the query heads' count without GQA."""
+    model, _ = _resolve_model(target)
+    n_heads, _ = head_shape(model)
+    return int(getattr(model.config, "num_key_value_heads", None) or n_heads)
+
+
+def attention_module(target: Any, layer: int) -> nn.Module:
+    """The attention module of block ``layer`` (the parent of its output projection)."""
+    _, blocks = _resolve_model(target)
+    check(0 <= layer < len(blocks), f"layer {layer} is out of range: the model has {len(blocks)} blocks")
+    for path in HEAD_SITES:
+        parent, _, _ = path.rpartition(".")
+        if _path(blocks[layer], path) is not None:
+            return _path(blocks[layer], parent)
+    raise UserError(f"cannot find the attention module of {type(blocks[layer]).__name__}")
+
+
+@contextmanager
+def projections(target: Any, which: str, layers: Sequence[int] | None = None, *, read: bool = True,
+                edit: Mapping[int, Any] | None = None, keep_grad: bool = False) -> Iterator[HeadCapture]:
+    """Read and/or edit the query (``which="q"``) or key (``"k"``) projection outputs of blocks ``layers``
+    (before rotary embeddings and any q/k norm), for forward passes of this thread inside the block.
+
+    ``edit[k](x) -> x'`` maps [B, T, n, head_dim] (n = query heads for q, key/value heads for k);
+    ``read`` records the outputs (after the edit) as [B, T, n * head_dim], in the autograd graph with
+    ``keep_grad``. Hooks removed on exit."""
+    model, blocks = _resolve_model(target)
+    edit = dict(edit or {})
+    wanted = sorted(set(range(len(blocks)) if layers is None else {int(k) for k in layers}) | set(edit))
+    for k in wanted:
+        check(0 <= k < len(blocks), f"layer {k} is out of range: the model has {len(blocks)} blocks")
+    for k, fn in edit.items():
+        check(callable(fn), f"edit for layer {k} must be a callable x -> x")
+    n_heads, head_dim = head_shape(model)
+    n = n_heads if which == "q" else kv_heads(model)
+    cap = HeadCapture(layers=wanted, outputs={k: [] for k in wanted} if read else {})
+    owner = threading.get_ident()
+
+    def make_hook(k: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            check(output.shape[-1] == n * head_dim,
+                  f"block {k}: {which} projection has width {output.shape[-1]}, expected {n} x {head_dim}")
+            out = output
+            if k in edit:
+                x4 = output.view(*output.shape[:-1], n, head_dim)
+                new = edit[k](x4)
+                check(isinstance(new, torch.Tensor) and new.shape == x4.shape,
+                      f"{which} edit for layer {k} must return a tensor of shape {tuple(x4.shape)}")
+                out = new.to(output.dtype).reshape(output.shape)
+            if read:
+                cap.outputs[k].append(out if keep_grad else out.detach())
+            return out if k in edit else None
+        return hook
+
+    handles = []
+    try:
+        for k in wanted:
+            handles.append(qk_site(blocks[k], which).register_forward_hook(make_hook(k)))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class AttentionCalls:
+    """``calls[k]``: the ``(args, kwargs)`` of each forward call of block k's attention module (tensors
+    detached), so :func:`rerun_attention` can run that attention again alone."""
+
+    calls: dict[int, list[tuple[tuple, dict]]] = field(default_factory=dict)
+
+
+def _detached(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detached(v) for v in x)
+    if isinstance(x, list):
+        return [_detached(v) for v in x]
+    return x
+
+
+@contextmanager
+def attention_calls(target: Any, layers: Sequence[int] | None = None) -> Iterator[AttentionCalls]:
+    """Record the inputs of the attention modules of blocks ``layers`` (default all) for forward
+    passes of this thread inside the block; hooks removed on exit."""
+    _, blocks = _resolve_model(target)
+    wanted = list(range(len(blocks))) if layers is None else sorted({int(k) for k in layers})
+    rec = AttentionCalls(calls={k: [] for k in wanted})
+    owner = threading.get_ident()
+
+    def make_hook(k: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if threading.get_ident() == owner:
+                rec.calls[k].append((_detached(args), {n: _detached(v) for n, v in kwargs.items()}))
+        return hook
+
+    handles = []
+    try:
+        for k in wanted:
+            handles.append(attention_module(target, k).register_forward_pre_hook(make_hook(k), with_kwargs=True))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def rerun_attention(target: Any, layer: int, call: tuple[tuple, dict], repeat: int = 1) -> Any:
+    """Run block ``layer``'s attention module alone on a recorded call (from :func:`attention_calls`),
+    its hidden states repeated ``repeat`` times along the batch (other inputs broadcast); hooks of
+    :func:`heads` / :func:`projections` attached by the caller act on it as in a full pass."""
+    args, kwargs = call
+    module = attention_module(target, layer)
+    if args:
+        hs = args[0]
+        args = (hs.repeat(repeat, *([1] * (hs.dim() - 1))), *args[1:])
+    else:
+        hs = kwargs["hidden_states"]
+        kwargs = {**kwargs, "hidden_states": hs.repeat(repeat, *([1] * (hs.dim() - 1)))}
+    check(hs.shape[0] == 1, "rerun_attention needs a recorded call of batch size 1")
+    return module(*args, **kwargs)
+
+
+@contextmanager
+def drop_block_grad(target: Any, layer: int) -> Iterator[None]:
+    """Block ``layer``'s residual contribution (output minus input) passes no gradient backwards; the
+    forward pass is unchanged (GradDrop, Kramár et al. 2024). Hook removed on exit."""
+    _, blocks = _resolve_model(target)
+    check(0 <= layer < len(blocks), f"layer {layer} is out of range: the model has {len(blocks)} blocks")
+    owner = threading.get_ident()
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if threading.get_ident() != owner:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        h = output[0] if isinstance(output, tuple) else output
+        new = x + (h - x).detach()
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = blocks[layer].register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
