@@ -242,3 +242,29 @@ def test_real_model_icl_beats_zero_shot_on_antonyms(smol):
     zero = F.evaluate(smol, "antonym")
     icl = F.evaluate(smol, "antonym", shots=5)
     assert icl.accuracy >= zero.accuracy + 0.3, (zero.accuracy, icl.accuracy)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def test_cli_fv(tiny_dir, tmp_path, capsys):
+    from steering_lab.cli import main
+
+    task = tmp_path / "pairs.jsonl"
+    task.write_text("".join(json.dumps({"input": x, "output": y}) + "\n" for x, y in PAIRS))
+    assert main(["fv", "tasks", "--json"]) == 0
+    listed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["task"] for r in listed] == F.task_names() and all(r["pairs"] >= 50 for r in listed)
+    small = ["--model", str(tiny_dir), "--task", str(task), "--shots", "3", "--n-clean", "4", "--n-corrupt", "3"]
+    assert main(["fv", "heads", *small, "-k", "5", "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 5 and [r["aie"] for r in rows] == sorted((r["aie"] for r in rows), reverse=True)
+    out = tmp_path / "fv"
+    assert main(["fv", "extract", *small, "--n-heads", "2", "--out", str(out)]) == 0
+    vec = SteeringVector.load(out)
+    assert vec.method == "function_vector" and vec.dataset == "pairs" and len(vec.extra["heads"]) == 2
+    capsys.readouterr()
+    assert main(["fv", "eval", "--model", str(tiny_dir), "--task", str(task), "--vector", str(out), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["layer"] == vec.recommended_layer and 0 <= row["accuracy"] <= 1 and row["n"] > 0
+    assert main(["fv", "heads"]) == 2  # no --task: one line, exit 2
+    assert main(["fv", "eval", "--task", "no_such_task"]) == 2
+    assert main(["fv", "extract", "--task", "antonym"]) == 2  # no --out
