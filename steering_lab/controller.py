@@ -8,8 +8,13 @@
   cross-entropy through the frozen LM, so gradients shape the per-layer weights), on harmless
   ones it should keep its own answer; the scale also gets a gating loss. Saved as safetensors + json.
 * **Conditional activation steering** (CAST): a condition direction and a threshold on the
-  cosine similarity of the prompt's mean activation at one layer decide whether the behaviour
-  vector is applied; layer and threshold come from a grid search by F1 on a labelled set.
+  cosine similarity of the prompt's pooled activation at one layer decide whether the behaviour
+  vector is applied. Saved as safetensors + json like the controller.
+
+Thresholds (the controller's gate, the condition's cut) are calibrated on a validation split with
+:func:`calibrate_threshold`: the highest rate on the positive (harmful) prompts subject to a rate of
+at most ``max_negative_rate`` on the negative (harmless) ones, read off ``sklearn.metrics.roc_curve``.
+Artifacts record which split every number comes from and that the selection did not see the test split.
 """
 
 from __future__ import annotations
@@ -30,6 +35,44 @@ from .errors import UserError, check
 from .intervene import Steer, steer
 from .model import LoadedModel
 from .vector import SteeringVector, _now, base_path, commit_pair, encode_pair, read_pair
+
+# ---- threshold calibration ----------------------------------------------------------------------
+
+THRESHOLD_RULE = ("highest applied rate on harmful prompts subject to applied rate <= {rate:g} on harmless "
+                  "prompts of the validation split (sklearn.metrics.roc_curve); the cut sits halfway between "
+                  "the chosen score and the next lower one")
+
+
+def calibrate_threshold(positive: torch.Tensor | Sequence[float], negative: torch.Tensor | Sequence[float], *,
+                        max_negative_rate: float = 0.05) -> dict[str, Any]:
+    """Pick a cut on scores (higher = positive): the largest positive rate with a negative rate of at most
+    ``max_negative_rate``, both measured on these (validation) scores. A score counts as positive when
+    ``score >= threshold`` (equivalently ``> threshold``: the cut lies strictly between two observed scores).
+
+    Returns ``threshold``, the rates it gives on these scores, their AUROC and the rule, all of this split."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    pos = np.asarray(torch.as_tensor(positive, dtype=torch.float64).flatten().cpu())
+    neg = np.asarray(torch.as_tensor(negative, dtype=torch.float64).flatten().cpu())
+    check(pos.size > 0 and neg.size > 0, "calibration needs positive and negative scores")
+    check(bool(np.isfinite(pos).all() and np.isfinite(neg).all()), "calibration scores must be finite")
+    check(0 <= max_negative_rate <= 1, "max_negative_rate must be in [0, 1]")
+    y = np.r_[np.ones(pos.size), np.zeros(neg.size)]
+    fpr, tpr, thr = roc_curve(y, np.r_[pos, neg], drop_intermediate=False)
+    ok = np.flatnonzero(fpr <= max_negative_rate + 1e-12)  # index 0 (nothing positive) always qualifies
+    i = int(ok[np.argmax(tpr[ok])])  # first index reaching the best rate: the lowest negative rate for it
+    scores = np.unique(np.r_[pos, neg])
+    if i == 0:
+        threshold = float(scores[-1]) + max(1e-6, 1e-6 * abs(float(scores[-1])))
+    else:
+        below = scores[scores < thr[i]]
+        threshold = float((thr[i] + below[-1]) / 2) if below.size else float(thr[i]) - max(1e-6, 1e-6 * abs(thr[i]))
+    return {"threshold": threshold, "positive_rate": float((pos >= threshold).mean()),
+            "negative_rate": float((neg >= threshold).mean()), "auroc": float(roc_auc_score(y, np.r_[pos, neg])),
+            "max_negative_rate": float(max_negative_rate), "n_positive": int(pos.size), "n_negative": int(neg.size),
+            "rule": THRESHOLD_RULE.format(rate=max_negative_rate)}
+
 
 # ---- the controller network ---------------------------------------------------------------------
 
@@ -83,10 +126,42 @@ class Controller:
         with torch.no_grad():
             return self.net(self.pooled(lm, prompts, chat))
 
+    def gate(self, scale: torch.Tensor) -> torch.Tensor:
+        """Per prompt: is steering applied (``scale >= threshold``)?"""
+        return scale >= self.threshold
+
+    def applied(self, lm: LoadedModel, prompts: Sequence[str], chat: bool = True) -> torch.Tensor:
+        """Per prompt (bool [B]): does the controller steer it?"""
+        return self.gate(self.decide(lm, prompts, chat)[0])
+
     def steering(self, scale: torch.Tensor, weights: torch.Tensor) -> list[Steer]:
-        """One Steer per steered layer, with per-row strengths."""
-        strengths = scale[:, None] * weights * self.base_strength  # [B, n_steer]
+        """One Steer per steered layer, with per-row strengths; rows whose scale is below the gate
+        threshold get exactly 0 (steering is applied or not, as :meth:`applied` reports)."""
+        kept = torch.where(self.gate(scale), scale, torch.zeros_like(scale))
+        strengths = kept[:, None] * weights * self.base_strength  # [B, n_steer]
         return [Steer(self.vector, strengths[:, j], layers=[k]) for j, k in enumerate(self.steer_layers)]
+
+    def calibrate(self, lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], *,
+                  max_negative_rate: float = 0.05, split: str = "val") -> dict[str, Any]:
+        """Set the gate threshold on a validation split (see :func:`calibrate_threshold`) and record it in
+        ``metrics['threshold_selection']`` with the split's name; returns that record."""
+        scale, _ = self.decide(lm, list(harmful) + list(harmless))
+        record = calibrate_threshold(scale[:len(harmful)], scale[len(harmful):], max_negative_rate=max_negative_rate)
+        self.threshold = record["threshold"]
+        record = {"split": split, "selection_is_test": False, **record}
+        self.metrics["threshold_selection"] = record
+        self.metrics["selection_is_test"] = False
+        return record
+
+    def measure(self, lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str]) -> dict[str, float]:
+        """Applied rates (and the gate's AUROC) on labelled prompts, at the current threshold."""
+        from sklearn.metrics import roc_auc_score
+
+        scale, _ = self.decide(lm, list(harmful) + list(harmless))
+        on, n = self.gate(scale), len(harmful)
+        return {"applied_harmful": float(on[:n].float().mean()), "applied_harmless": float(on[n:].float().mean()),
+                "auroc": float(roc_auc_score([1] * n + [0] * len(harmless), scale.tolist())),
+                "n_harmful": n, "n_harmless": len(harmless)}
 
     def generate(self, lm: LoadedModel, prompts: Sequence[str], **kw) -> tuple[list[str], torch.Tensor]:
         """Generate with the controller's steering; returns (texts, scales)."""
@@ -197,8 +272,14 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
                      steer_layers: Sequence[int], input_layers: Sequence[int], base_strength: float,
                      refusals: Sequence[str] | None = None, epochs: int = 6, batch_size: int = 8, lr: float = 3e-3,
                      target_tokens: int = 12, gate_weight: float = 1.0, hidden: int = 64, seed: int = 0,
-                     progress: bool = False) -> Controller:
-    """Train a controller (see module docstring). The LM stays frozen; only the small net learns."""
+                     progress: bool = False, harmful_val: Sequence[str] | None = None,
+                     harmless_val: Sequence[str] | None = None, max_negative_rate: float = 0.05,
+                     weight_decay: float = 0.0, gate_epochs: int = 0, val_split: str = "val") -> Controller:
+    """Train a controller (see module docstring). The LM stays frozen; only the small net learns.
+
+    ``gate_epochs`` more epochs train the gate alone (its loss only, on the cached pooled activations:
+    cheap, no LM pass). With ``harmful_val``/``harmless_val`` the gate threshold is then calibrated on
+    them (:meth:`Controller.calibrate`, recorded under the name ``val_split``); without, it stays 0.5."""
     from .datasets import refusal_responses
     from .generate import generate
 
@@ -219,7 +300,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
                      base_strength=float(base_strength), model=lm.name)
     pooled = ctl.pooled(lm, prompts)  # fixed: the controller reads the unsteered prompt
     ctl.net.set_input_stats(pooled)
-    opt = torch.optim.Adam(ctl.net.parameters(), lr=lr)
+    opt = torch.optim.Adam(ctl.net.parameters(), lr=lr, weight_decay=weight_decay)
     flags = [p.requires_grad for p in lm.model.parameters()]
     try:
         for p in lm.model.parameters():  # the LM is frozen; restored below, the caller's model is not changed
@@ -229,9 +310,35 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
     finally:
         for p, flag in zip(lm.model.parameters(), flags):
             p.requires_grad_(flag)
+    history += _fit_gate(ctl, pooled, labels, opt, gate_epochs, batch_size, seed, progress)
     ctl.net.eval()
     ctl.metrics["train_loss"] = history
+    ctl.metrics["train"] = {"split": "train", "n_harmful": len(harmful), "n_harmless": len(harmless),
+                            "epochs": epochs, "gate_epochs": gate_epochs}
+    if harmful_val is not None or harmless_val is not None:
+        check(bool(harmful_val) and bool(harmless_val), "calibration needs harmful and harmless validation prompts")
+        ctl.calibrate(lm, harmful_val, harmless_val, max_negative_rate=max_negative_rate, split=val_split)
     return ctl
+
+
+def _fit_gate(ctl, pooled, labels, opt, epochs, batch_size, seed, progress) -> list[float]:
+    """Gate-only epochs: binary cross-entropy of the scale on the cached pooled activations."""
+    g = torch.Generator().manual_seed(seed + 1)
+    history = []
+    ctl.net.train()
+    for _ in tqdm(range(epochs), desc="controller gate", disable=not progress):
+        order = torch.randperm(len(labels), generator=g).tolist()
+        total = 0.0
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            scale, _ = ctl.net(pooled[idx])
+            loss = torch.nn.functional.binary_cross_entropy(scale.clamp(1e-6, 1 - 1e-6), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        history.append(total / len(labels))
+    return history
 
 
 def _fit(lm, ctl, vector, steer_layers, prompts, targets, labels, pooled, opt, epochs, batch_size, gate_weight,
@@ -274,33 +381,97 @@ class Condition:
     pooling: str = "last"
     f1: float = math.nan
     grid: list[dict] = field(default_factory=list)
+    chat: bool = True
+    model: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    created: str = field(default_factory=_now)
 
     def similarity(self, acts: torch.Tensor) -> torch.Tensor:
         d = self.direction.float()
         return torch.nn.functional.cosine_similarity(acts.float(), d[None, :].to(acts.device), dim=-1)
 
+    def scores(self, lm: LoadedModel, prompts: Sequence[str], chat: bool | None = None) -> torch.Tensor:
+        """Per prompt: the cosine similarity the threshold is compared with."""
+        chat = self.chat if chat is None else chat
+        return self.similarity(collect(lm, prompts, layers=[self.layer], position=self.pooling, chat=chat).acts[:, 0])
+
     def applies(self, lm: LoadedModel, prompts: Sequence[str], chat: bool = True) -> torch.Tensor:
-        acts = collect(lm, prompts, layers=[self.layer], position=self.pooling, chat=chat).acts[:, 0]
-        return self.similarity(acts) > self.threshold
+        return self.scores(lm, prompts, chat) > self.threshold
+
+    def measure(self, lm: LoadedModel, positive: Sequence[str], negative: Sequence[str]) -> dict[str, float]:
+        """Applied rates (and the similarity's AUROC) on labelled prompts, at the current threshold."""
+        from sklearn.metrics import roc_auc_score
+
+        sims, n = self.scores(lm, list(positive) + list(negative)), len(positive)
+        on = sims > self.threshold
+        return {"applied_harmful": float(on[:n].float().mean()), "applied_harmless": float(on[n:].float().mean()),
+                "auroc": float(roc_auc_score([1] * n + [0] * len(negative), sims.tolist())),
+                "n_harmful": n, "n_harmless": len(negative)}
+
+    # ---- files -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {"kind": "cast_condition", "model": self.model, "d_model": int(self.direction.numel()),
+                "layer": self.layer, "pooling": self.pooling, "chat": self.chat, "threshold": self.threshold,
+                "description": self.description, "metrics": self.metrics, "created": self.created}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``PATH.safetensors`` (tensor ``direction``) + ``PATH.json`` as one unit; returns ``PATH``."""
+        base = base_path(path)
+        check(base.name not in ("", ".", ".."), f"invalid condition path {str(path)!r}")
+        return commit_pair(base, *encode_pair({"direction": self.direction}, self.metadata(), "steering_lab.condition"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, lm: LoadedModel | None = None, *, label: str | None = None) -> Condition:
+        base, raw, meta = read_pair(path, "condition", label=label)
+        where = label or str(base.with_suffix(".json"))
+        check(meta.get("kind") == "cast_condition", f"{where} is not a CAST condition")
+        try:
+            d, layer, threshold = raw["direction"], meta["layer"], float(meta["threshold"])
+            check(d.ndim == 1 and d.numel() == meta["d_model"], "direction does not match 'd_model'")
+            check(isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < 10_000,
+                  "'layer' must be a layer index")
+            check(math.isfinite(threshold) and bool(torch.isfinite(d).all()), "threshold and direction must be finite")
+            check(meta.get("pooling", "last") in ("last", "mean", "max"), "unknown pooling")
+            metrics = meta.get("metrics", {})
+            check(isinstance(metrics, dict), "'metrics' must be an object")
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{where} is not a valid condition: {type(exc).__name__}: {exc}") from None
+        cond = cls(layer=layer, direction=d.float(), threshold=threshold, pooling=meta.get("pooling", "last"),
+                   chat=bool(meta.get("chat", True)), model=str(meta.get("model", "")), metrics=metrics,
+                   description=str(meta.get("description", "")), created=str(meta.get("created", "")))
+        if lm is not None:
+            check(cond.direction.numel() == lm.d_model and cond.layer < lm.n_layers,
+                  f"{where} was made for another model (d_model {cond.direction.numel()}, layer {cond.layer}; "
+                  f"{lm.name} has d_model {lm.d_model} and {lm.n_layers} blocks)")
+        return cond
 
 
 def f1_score(pred: torch.Tensor, label: torch.Tensor) -> float:
-    tp = float((pred & label).sum())
-    fp = float((pred & ~label).sum())
-    fn = float((~pred & label).sum())
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    """F1 of boolean predictions (``sklearn.metrics.f1_score``; 0 when nothing is predicted positive)."""
+    from sklearn.metrics import f1_score as sk_f1
+
+    return float(sk_f1(label.cpu().numpy(), pred.cpu().numpy(), zero_division=0.0))
 
 
 def fit_condition(lm: LoadedModel, positive_train: Sequence[str], negative_train: Sequence[str],
                   positive_val: Sequence[str], negative_val: Sequence[str], *, layers: Sequence[int] | None = None,
-                  n_thresholds: int = 41, pooling: str = "last", chat: bool = True,
-                  progress: bool = False) -> Condition:
-    """CAST grid search: the condition direction at each layer is the mean difference of the pooled
-    prompt activations (train); the (layer, threshold) with the best F1 on the val set wins, ties
-    going to the threshold in the middle of the widest run of best-F1 thresholds (a margin).
+                  n_thresholds: int = 41, pooling: str = "last", chat: bool = True, progress: bool = False,
+                  max_negative_rate: float | None = 0.05, val_split: str = "val") -> Condition:
+    """CAST: the condition direction at each layer is the mean difference of the pooled prompt
+    activations (train). On the val prompts, per layer, the threshold comes from
+    :func:`calibrate_threshold` (the highest rate on positives with at most ``max_negative_rate`` on
+    negatives, ``sklearn.metrics.roc_curve``); the layer with the highest val positive rate wins, ties
+    going to the higher val AUROC. ``max_negative_rate=None`` keeps the older rule instead: the best F1
+    over the thresholds of ``sklearn.metrics.precision_recall_curve`` (``n_thresholds`` is no longer used).
 
     Pooling defaults to the last prompt token: with a chat template, the mean over the prompt is
-    dominated by the shared system and template tokens."""
+    dominated by the shared system and template tokens. ``grid`` lists every layer's val numbers."""
+    import numpy as np
+    from sklearn.metrics import precision_recall_curve
+
     from .extract import mean_diff
 
     check(min(len(positive_train), len(negative_train), len(positive_val), len(negative_val)) > 0,
@@ -309,28 +480,44 @@ def fit_condition(lm: LoadedModel, positive_train: Sequence[str], negative_train
     kw = dict(layers=layers, position=pooling, chat=chat, progress=progress)
     tp, tn = collect(lm, positive_train, **kw).acts, collect(lm, negative_train, **kw).acts
     vp, vn = collect(lm, positive_val, **kw).acts, collect(lm, negative_val, **kw).acts
-    label = torch.tensor([True] * len(positive_val) + [False] * len(negative_val))
+    label = np.r_[np.ones(len(positive_val)), np.zeros(len(negative_val))]
     best: tuple | None = None
     grid = []
-    for j, k in enumerate(layers):
+    for j, k in enumerate(sorted(set(layers))):
         d = mean_diff(tp[:, j], tn[:, j])
-        sims = Condition(layer=k, direction=d, threshold=0.0).similarity(torch.cat([vp[:, j], vn[:, j]]))
-        ts = torch.linspace(float(sims.min()), float(sims.max()), n_thresholds).tolist()
-        f1s = [f1_score(sims > t, label) for t in ts]
-        grid += [{"layer": k, "threshold": t, "f1": f} for t, f in zip(ts, f1s)]
-        top = max(f1s)
-        run, longest = 0, (0, 0)  # widest run of consecutive thresholds reaching the top F1
-        for i, f in enumerate(f1s):
-            run = run + 1 if f >= top - 1e-12 else 0
-            if run > longest[0]:
-                longest = (run, i)
-        width, end = longest
-        margin = width / n_thresholds
-        threshold = ts[end - (width - 1) // 2]
-        if best is None or (top, margin) > (best[0], best[1]):
-            best = (top, margin, k, d, threshold)
-    top, _, k, d, threshold = best
-    return Condition(layer=k, direction=d, threshold=threshold, pooling=pooling, f1=top, grid=grid)
+        probe = Condition(layer=k, direction=d, threshold=0.0)
+        sp, sn = probe.similarity(vp[:, j]), probe.similarity(vn[:, j])
+        cal = calibrate_threshold(sp, sn, max_negative_rate=0.0 if max_negative_rate is None else max_negative_rate)
+        pred = torch.cat([sp, sn]) > cal["threshold"]
+        row = {"layer": k, "threshold": cal["threshold"], "val_applied_harmful": cal["positive_rate"],
+               "val_applied_harmless": cal["negative_rate"], "val_auroc": cal["auroc"],
+               "f1": f1_score(pred, torch.as_tensor(label, dtype=torch.bool))}
+        if max_negative_rate is None:  # older rule: best F1 on the val set
+            sims = torch.cat([sp, sn]).double().numpy()
+            prec, rec, thr = precision_recall_curve(label, sims)
+            f1s = 2 * prec[:-1] * rec[:-1] / np.clip(prec[:-1] + rec[:-1], 1e-12, None)
+            i = int(np.argmax(f1s))
+            lower = np.unique(sims)[np.unique(sims) < thr[i]]
+            row["threshold"] = float((thr[i] + lower[-1]) / 2) if lower.size else float(thr[i]) - 1e-6
+            row["f1"] = float(f1s[i])
+            key = (row["f1"], row["val_auroc"])
+        else:
+            key = (row["val_applied_harmful"], row["val_auroc"])
+        grid.append(row)
+        if best is None or key > best[0]:
+            best = (key, row, d)
+    _, row, d = best
+    selection = {"split": val_split, "selection_is_test": False, "layer": row["layer"],
+                 "rule": ("best F1 on the validation split (sklearn.metrics.precision_recall_curve)"
+                          if max_negative_rate is None else THRESHOLD_RULE.format(rate=max_negative_rate)
+                          + "; layer: highest such rate, ties to the higher validation AUROC"),
+                 "max_negative_rate": max_negative_rate, "n_harmful": len(positive_val),
+                 "n_harmless": len(negative_val), **{k: v for k, v in row.items() if k != "layer"}}
+    return Condition(layer=row["layer"], direction=d, threshold=row["threshold"], pooling=pooling, f1=row["f1"],
+                     grid=grid, chat=chat, model=lm.name,
+                     metrics={"threshold_selection": selection, "selection_is_test": False,
+                              "train": {"split": "train", "n_harmful": len(positive_train),
+                                        "n_harmless": len(negative_train)}})
 
 
 def conditional_generate(lm: LoadedModel, prompts: Sequence[str], condition: Condition, vector: SteeringVector,

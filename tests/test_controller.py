@@ -5,6 +5,7 @@ from steering_lab.controller import (
     Condition,
     Controller,
     ControllerNet,
+    calibrate_threshold,
     conditional_generate,
     f1_score,
     fit_condition,
@@ -66,6 +67,21 @@ def test_train_controller_learns_the_gate_and_round_trips(tiny, vec, tmp_path):
     torch.testing.assert_close(scales, scale[:2], atol=1e-5, rtol=1e-5)  # a 2-prompt batch: same up to rounding
 
 
+def test_controller_calibration_sets_the_gate_and_records_its_split(tiny, vec):
+    ctl = Controller(net=ControllerNet(1, tiny.d_model, 2), input_layers=[1], steer_layers=[1, 2], vector=vec,
+                     base_strength=4.0)
+    rec = ctl.calibrate(tiny, HARMFUL, HARMLESS, max_negative_rate=0.0, split="val: test lines")
+    assert ctl.threshold == rec["threshold"] and rec["split"] == "val: test lines"
+    assert ctl.metrics["selection_is_test"] is False
+    assert ctl.metrics["threshold_selection"]["selection_is_test"] is False
+    measured = ctl.measure(tiny, HARMFUL, HARMLESS)
+    assert measured["applied_harmless"] == 0.0 and measured["applied_harmful"] == pytest.approx(rec["positive_rate"])
+    # below the gate threshold a row is exactly unsteered
+    scale, weights = ctl.decide(tiny, HARMFUL[:2])
+    low = torch.full_like(scale, ctl.threshold - 0.01)
+    assert all(float(torch.as_tensor(s.strength).abs().max()) == 0 for s in ctl.steering(low, weights))
+
+
 def test_f1():
     pred = torch.tensor([True, True, False, False])
     label = torch.tensor([True, False, True, False])
@@ -73,10 +89,39 @@ def test_f1():
     assert f1_score(torch.tensor([False]), torch.tensor([True])) == 0.0
 
 
-def test_cast_grid_search_and_gating(tiny, vec):
-    cond = fit_condition(tiny, HARMFUL[:4], HARMLESS[:4], HARMFUL[4:], HARMLESS[4:], layers=[1, 2], n_thresholds=11)
-    assert cond.layer in (1, 2) and len(cond.grid) == 22 and 0 <= cond.f1 <= 1
-    assert max(row["f1"] for row in cond.grid) == cond.f1
+def test_calibrate_threshold_maximises_recall_under_the_negative_rate():
+    pos = torch.tensor([0.9, 0.8, 0.7, 0.35, 0.2])
+    neg = torch.tensor([0.75, 0.3, 0.1, 0.05, 0.0])
+    cal = calibrate_threshold(pos, neg, max_negative_rate=0.0)  # no negative may pass: cut above 0.75
+    assert 0.75 < cal["threshold"] < 0.8 and cal["positive_rate"] == pytest.approx(0.4) and cal["negative_rate"] == 0
+    cal = calibrate_threshold(pos, neg, max_negative_rate=0.2)  # one negative may pass: cut between 0.3 and 0.35
+    assert 0.3 < cal["threshold"] < 0.35 and cal["positive_rate"] == pytest.approx(0.8)
+    assert cal["negative_rate"] == pytest.approx(0.2) and cal["auroc"] == pytest.approx(0.84)
+    cal = calibrate_threshold(pos, neg, max_negative_rate=1.0)
+    assert cal["positive_rate"] == 1.0  # everything may pass: all positives are in
+    with pytest.raises(UserError):
+        calibrate_threshold([], neg)
+
+
+def test_cast_grid_search_and_gating(tiny, vec, tmp_path):
+    cond = fit_condition(tiny, HARMFUL[:4], HARMLESS[:4], HARMFUL[4:], HARMLESS[4:], layers=[2, 1])
+    assert cond.layer in (1, 2) and [r["layer"] for r in cond.grid] == [1, 2] and 0 <= cond.f1 <= 1
+    sel = cond.metrics["threshold_selection"]
+    assert sel["split"] == "val" and sel["selection_is_test"] is False and cond.metrics["selection_is_test"] is False
+    best = max(cond.grid, key=lambda r: (r["val_applied_harmful"], r["val_auroc"]))
+    assert best["layer"] == cond.layer and best["val_applied_harmless"] <= 0.05
+    measured = cond.measure(tiny, HARMFUL[4:], HARMLESS[4:])  # the val numbers, re-measured
+    assert measured["applied_harmful"] == pytest.approx(sel["val_applied_harmful"])
+    assert measured["applied_harmless"] == pytest.approx(sel["val_applied_harmless"])
+    old_rule = fit_condition(tiny, HARMFUL[:4], HARMLESS[:4], HARMFUL[4:], HARMLESS[4:], layers=[1, 2],
+                             max_negative_rate=None)
+    assert max(row["f1"] for row in old_rule.grid) == old_rule.f1
+    cond.save(tmp_path / "cond")
+    back = Condition.load(tmp_path / "cond", tiny)
+    assert back.layer == cond.layer and back.threshold == cond.threshold and torch.equal(back.direction, cond.direction)
+    assert torch.equal(back.applies(tiny, HARMFUL), cond.applies(tiny, HARMFUL))
+    with pytest.raises(UserError, match="not a controller"):
+        Controller.load(tmp_path / "cond")
     # gating: rows whose condition fails are exactly unsteered, the others are steered
     forced = Condition(layer=1, direction=cond.direction, threshold=-2.0)  # cos > -2 always holds
     never = Condition(layer=1, direction=cond.direction, threshold=2.0)
