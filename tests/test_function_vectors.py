@@ -268,3 +268,32 @@ def test_cli_fv(tiny_dir, tmp_path, capsys):
     assert main(["fv", "heads"]) == 2  # no --task: one line, exit 2
     assert main(["fv", "eval", "--task", "no_such_task"]) == 2
     assert main(["fv", "extract", "--task", "antonym"]) == 2  # no --out
+
+
+# ---- app ---------------------------------------------------------------------------------------------
+def test_app_callbacks(tiny, tmp_path):
+    import gradio as gr
+
+    from steering_lab.ui import method_function_vectors as ui
+    from steering_lab.ui.context import make_context
+
+    ctx = make_context(tiny, user_dir=tmp_path / "user", shipped_root=tmp_path / "shipped")
+    seen = []
+    stats, fig = ui.measure_heads(ctx, "antonym", shots=3, n_clean=4, n_corrupt=3, n_heads=2,
+                                  progress=lambda f, text: seen.append(f))
+    assert stats.aie.shape == (tiny.n_layers, head_shape(tiny)[0]) and seen and max(seen) <= 1.0
+    assert list(fig.data[0].z[0]) == stats.aie[0].tolist() and len(fig.data[1].x) == 2  # heat map + 2 ringed heads
+    saved, text, fig2 = ui.build_and_save(ctx, stats, n_heads=2, name="", shots_baseline=2)
+    assert saved == "fv-antonym" and saved in ctx.compatible_vectors()
+    vec = ctx.vectors.get(saved)
+    assert vec.method == "function_vector" and vec.dataset == "antonym"
+    assert "zero-shot + function vector" in text and "2-shot" in text
+    with pytest.raises(UserError, match="exists"):
+        ui.build_and_save(ctx, stats, n_heads=2, name="fv-antonym")
+    with pytest.raises(UserError, match="find the heads"):
+        ui.build_and_save(ctx, None)
+    with pytest.raises(UserError, match="choose a task"):
+        ui.measure_heads(ctx, "")
+    with gr.Blocks():
+        out = ui.build(ctx, {"vectors": gr.Dropdown(multiselect=True)})
+    assert "task" in out and ui.WHERE == "extract" and ui.TITLE == "Function vectors"
