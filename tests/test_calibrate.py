@@ -106,3 +106,38 @@ def test_prompted_cost_is_zero_for_an_empty_difference_and_rows_line_up(tiny, ve
     assert rows["unsteered"]["kl"] == 0 and rows["steered"]["kl"] > 0 and rows["prompted"]["kl"] > 0
     assert default_instruction(vec).startswith("Answer")
     assert hook_count(tiny.model) == 0
+
+
+def test_cli_calibrate_writes_report_chart_and_calibrated_vector(tiny, tiny_dir, tmp_path, capsys):
+    import json
+
+    from steering_lab.cli import main
+
+    g = torch.Generator().manual_seed(5)
+    v = SteeringVector(directions={k: torch.randn(tiny.d_model, generator=g) for k in range(tiny.n_layers)},
+                       model=str(tiny_dir), recommended_layer=1, recommended_strength=2.0)
+    set_measure(v, EffectMeasure(kind="scorer", name="informality"))
+    v.save(tmp_path / "v")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(["How was your weekend?", "Describe a library.", "What is rain?", "Name a colour."]))
+    out = tmp_path / "rep.json"
+    args = ["calibrate", "--vector", str(tmp_path / "v"), "--prompts", str(prompts), "--model", str(tiny_dir),
+            "--layers", "1,2", "--strengths", "1,3", "--max-new-tokens", "4", "--out", str(out),
+            "--instruction", "Be casual.", "--save-vector", str(tmp_path / "v2")]
+    assert main(args) == 0
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["selected_on"] == "val" and rep["test"]["reported_on"] == "test"
+    assert set(rep["split"]["val"]).isdisjoint(rep["split"]["test"])
+    assert list(rep["prompting"]["rows"]) == ["unsteered", "prompted", "steered", "prompted + steered"]
+    assert out.with_suffix(".html").read_text().count("Pareto front") >= 1
+    saved = SteeringVector.load(tmp_path / "v2")
+    assert saved.extra["calibration"]["chosen"]["strength"] == saved.recommended_strength
+    capsys.readouterr()
+    assert main(args[:-2] + ["--kl-budget", "lots"]) == 2
+    assert "--kl-budget must be a number" in capsys.readouterr().err
+    plain = SteeringVector(directions=dict(v.directions), model=str(tiny_dir), recommended_layer=1,
+                           recommended_strength=2.0)
+    plain.save(tmp_path / "nomeasure")
+    assert main(["calibrate", "--vector", str(tmp_path / "nomeasure"), "--prompts", str(prompts), "--model",
+                 str(tiny_dir), "--out", str(out)]) == 2
+    assert "no effect measure" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import UserError
-from . import app, common, export, extract, generate, library, probes, refusal, sae, sweep
+from . import app, calibrate, common, export, extract, generate, library, probes, refusal, sae, sweep
 
 # command groups of the methods being added (issue 15), each a sibling module with register(sub)
 METHOD_GROUPS = ("transport", "function_vectors", "pplm", "attribution", "transfer", "crosslingual")
@@ -28,7 +28,7 @@ def _method_groups():
     return tuple(found)
 
 
-GROUPS = (extract, generate, sweep, refusal, probes, export, sae, *_method_groups(), library, app)
+GROUPS = (extract, generate, sweep, calibrate, refusal, probes, export, sae, *_method_groups(), library, app)
 
 
 class _Version(argparse.Action):

@@ -62,6 +62,13 @@ class Calibration:
                 "test": self.test, "settings": self.settings}
 
 
+def directed(scorer: Scorer, direction: int) -> Scorer:
+    """``scorer`` read toward ``direction``: itself for +1, negated for -1 (higher = more of the wanted pole)."""
+    if direction > 0:
+        return scorer
+    return lambda prompts, texts: [-x for x in scorer(prompts, texts)]
+
+
 def _score(lm, prompts: Sequence[str], texts: dict[float, list[str]], vector, layer: int, strengths: Sequence[float],
            scorer: Scorer, operator: str, batch_size: int) -> list[Point]:
     rows = [(s, i) for s in strengths for i in range(len(prompts))]
@@ -128,12 +135,16 @@ def _mark_fluent(points: Sequence[Point], base: Point, max_ppl_ratio: float, min
 def calibrate(lm, vector, prompts: Sequence[str], scorer: Scorer, *, layers: Sequence[int] | None = None,
               strengths: Sequence[float] | None = None, direction: int = 1, operator: str = "add",
               test_prompts: Sequence[str] | None = None, max_new_tokens: int = 32, max_ppl_ratio: float = 2.0,
-              min_distinct_ratio: float = 0.8, kl_budget: float | None = None, batch_rows: int = 64,
+              min_distinct_ratio: float = 0.8, kl_budget: float | str | None = None, batch_rows: int = 64,
               progress: bool = False) -> Calibration:
     """Search layers x strengths on ``prompts`` (validation) for the largest fluent effect toward
     ``direction`` (+1: the vector's positive pole; -1: the negative one, strengths negated and the
     effect read reversed). Defaults: layers = every other block from 10% to 70% depth plus the
-    vector's own layer; strengths = ``STRENGTH_MULTIPLES`` x its recommended strength."""
+    vector's own layer; strengths = ``STRENGTH_MULTIPLES`` x its recommended strength.
+    ``kl_budget="constant"`` caps KL at what the constant rule costs on the same prompts: the
+    question "more effect for no more cost?"."""
+    check(kl_budget is None or kl_budget == "constant" or (isinstance(kl_budget, (int, float)) and kl_budget >= 0),
+          "kl_budget must be a non-negative number or 'constant'")
     check(direction in (1, -1), "direction must be 1 or -1")
     check(len(prompts) >= 2, "calibration needs at least 2 validation prompts")
     rec_layer, rec_strength = vector.recommended_layer, vector.recommended_strength
@@ -150,12 +161,7 @@ def calibrate(lm, vector, prompts: Sequence[str], scorer: Scorer, *, layers: Seq
     signed = [direction * float(s) for s in strengths]
     const_s = direction * magnitude
 
-    def directed(fn: Scorer) -> Scorer:
-        if direction > 0:
-            return fn
-        return lambda p, t: [-x for x in fn(p, t)]
-
-    sc = directed(scorer)
+    sc = directed(scorer, direction)
     settings = [(int(k), s) for k in layers for s in signed]
     if (rec_layer, const_s) not in settings:
         settings.append((rec_layer, const_s))
@@ -164,8 +170,9 @@ def calibrate(lm, vector, prompts: Sequence[str], scorer: Scorer, *, layers: Seq
                       batch_rows=batch_rows, progress=progress)
     base = points[-1]
     points = points[:-1]
-    _mark_fluent(points, base, max_ppl_ratio, min_distinct_ratio, kl_budget)
     constant = next(p for p in points if p.layer == rec_layer and p.strength == const_s)
+    budget = constant.kl if kl_budget == "constant" else kl_budget
+    _mark_fluent(points, base, max_ppl_ratio, min_distinct_ratio, budget)
     fluent = [p for p in points if p.fluent and not math.isnan(p.effect)]
     chosen = max(fluent, key=lambda p: (p.effect, -p.kl)) if fluent else base
     at_layer = sorted((p for p in points if p.layer == chosen.layer), key=lambda p: abs(p.strength))
@@ -180,7 +187,7 @@ def calibrate(lm, vector, prompts: Sequence[str], scorer: Scorer, *, layers: Seq
                       settings={"direction": direction, "operator": operator, "layers": list(layers),
                                 "strengths": signed, "max_new_tokens": max_new_tokens, "n_val": len(prompts),
                                 "max_ppl_ratio": max_ppl_ratio, "min_distinct_ratio": min_distinct_ratio,
-                                "kl_budget": kl_budget, "selected_on": "val"})
+                                "kl_budget": kl_budget, "kl_budget_value": budget, "selected_on": "val"})
     if test_prompts:
         tests = [(chosen.layer if chosen.layer is not None else rec_layer, chosen.strength),
                  (rec_layer, const_s), (rec_layer, 0.0)]

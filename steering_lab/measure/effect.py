@@ -155,6 +155,8 @@ def train_effect_probe(lm: Any, contrast: Any, name: str, *, seed: int = 0, laye
     texts = ContrastSet(name=contrast.name, positive=list(contrast.positive), negative=list(contrast.negative),
                         description=contrast.description, labels=contrast.labels)
     splits = three_way_split(n_pos, n_neg, seed)
+    if layers is None:  # the middle half: early blocks read words (a lexical probe), not the concept
+        layers = list(range(lm.n_layers // 4, max(lm.n_layers // 4 + 1, (3 * lm.n_layers) // 4)))
     probe, _ = train_probe(lm, texts, pooling="mean", splits=splits, chat=False, layers=layers,
                            progress=progress)
     probe.metrics["selected_on"] = "val"

@@ -104,3 +104,43 @@ def monitor_figure(series: dict[str, Sequence[float]], title: str = "Per-token m
     fig.update_yaxes(title_text="value")
     fig.update_layout(title=title, height=300, margin=dict(t=40, b=40), legend=dict(orientation="h", y=-0.3))
     return fig
+
+
+def pareto_figure(report: dict) -> go.Figure:
+    """Calibration: every (layer, strength) tried as effect against KL (fluent: filled; not: open),
+    the Pareto front as a line, the chosen point, the constant rule and (when measured) the
+    prompting baseline's rows."""
+    pts = report.get("points", [])
+    fig = go.Figure()
+    for fluent in (True, False):
+        sel = [p for p in pts if bool(p.get("fluent")) == fluent]
+        if sel:
+            fig.add_trace(go.Scatter(
+                x=[p["kl"] for p in sel], y=[p["effect"] for p in sel], mode="markers",
+                name="fluent" if fluent else "not fluent",
+                marker=dict(color=[p["layer"] for p in sel], colorscale="Viridis", showscale=fluent,
+                            symbol="circle" if fluent else "circle-open", size=9,
+                            colorbar=dict(title="layer") if fluent else None),
+                text=[f"layer {p['layer']}, strength {p['strength']:g}" for p in sel],
+                hovertemplate="%{text}<br>KL %{x:.3f}<br>effect %{y:.3f}<extra></extra>"))
+    front = report.get("front", [])
+    if front:
+        fig.add_trace(go.Scatter(x=[p["kl"] for p in front], y=[p["effect"] for p in front], mode="lines",
+                                 name="Pareto front", line=dict(color=RANDOM_COLOUR, dash="dot")))
+    for key, name, colour, symbol in (("chosen", "calibrated", "#d62728", "star"),
+                                      ("constant_rule", "constant rule", "#ff7f0e", "diamond"),
+                                      ("unsteered", "unsteered", "#000000", "x")):
+        p = report.get(key)
+        if p:
+            fig.add_trace(go.Scatter(x=[p["kl"]], y=[p["effect"]], mode="markers", name=name,
+                                     marker=dict(color=colour, symbol=symbol, size=15)))
+    rows = report.get("prompting", {}).get("rows", {})
+    for name in ("prompted", "prompted + steered"):
+        r = rows.get(name)
+        if r:
+            fig.add_trace(go.Scatter(x=[r["kl"]], y=[r["effect"]], mode="markers", name=f"{name} (test)",
+                                     marker=dict(color="#17becf", symbol="square" if name == "prompted" else "cross",
+                                                 size=13)))
+    fig.update_layout(title="calibration: effect against cost (validation prompts)", xaxis_title="mean KL to unsteered",
+                      yaxis_title="effect (the vector's own measure)", height=460)
+    return fig
