@@ -412,11 +412,37 @@ class VectorLibrary(ArtifactLibrary):
             try:
                 v = self.get(name)
             except UserError as exc:
-                rows.append([name, "error", "", "", "", "", str(exc)])
+                rows.append([name, "error", "", "", "", "", str(exc), "", ""])
                 continue
             rows.append([name, "user" if self.is_user(name) else "shipped", v.recommended_layer,
-                         v.recommended_strength, v.method, v.description, v.extra.get("effect", "")])
+                         v.recommended_strength, v.method, v.description, v.extra.get("effect", ""),
+                         _measure_text(v), _calibration_text(v)])
         return rows
+
+
+def _measure_text(v: SteeringVector) -> str:
+    from ..measure.effect import measure_of
+
+    try:
+        m = measure_of(v)
+    except UserError as exc:
+        return f"invalid: {exc}"
+    return m.label if m is not None else "none (refusal only)"
+
+
+def _calibration_text(v: SteeringVector) -> str:
+    """How the recommended layer/strength was found: a calibration (with its split) or the constant rule."""
+    cal = v.extra.get("calibration")
+    if not isinstance(cal, dict) or not isinstance(cal.get("chosen"), dict):
+        return "constant rule (not calibrated)"
+    c, test = cal["chosen"], cal.get("test", {}).get("calibrated", {})
+    lo, hi = (cal.get("fluent_range") or [None, None])[:2]
+    text = f"calibrated on val: layer {c.get('layer')}, strength {c.get('strength'):g}"
+    if lo is not None:
+        text += f"; fluent {lo:g}..{hi:g}"
+    if test:
+        text += f"; test effect {test.get('effect', float('nan')):.2f} at KL {test.get('kl', float('nan')):.2f}"
+    return text
 
 
 class ProbeLibrary(ArtifactLibrary):

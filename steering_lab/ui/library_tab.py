@@ -17,7 +17,8 @@ from ..export import export_gguf, load_gguf
 from . import features_tab
 from .context import AppContext, user_errors
 
-HEADERS = ["name", "source", "layer", "strength", "method", "description", "measured effect"]
+HEADERS = ["name", "source", "layer", "strength", "method", "description", "measured effect", "effect measure",
+           "how layer/strength were chosen"]
 
 
 FORMATS = ["safetensors + json", "GGUF (llama.cpp, repeng)"]
