@@ -204,6 +204,12 @@ def test_app_callbacks(tiny, tmp_path):
     assert steps[0][0] == base and base == steered and "perplexity" in numbers and ticks[-1] == len(ticks)
     stopped = list(run_pplm(ctx, PROMPTS[0], "words: positive", 0.05, 3, 0.01, 0.9, 8, cancel=lambda: True))[-1]
     assert stopped[1] == "" and "stopped" in stopped[2] and hook_count(tiny.model) == 0
+    # the app's Stop: a new run id for the session; the running loop sees it at its next forward pass
+    run = ctx.new_run("visitor")
+    out = list(run_pplm(ctx, PROMPTS[0], "words: positive", 0.05, 3, 0.01, 0.9, 8,
+                        progress=lambda d, t: ctx.new_run("visitor") if d == 1 else None,
+                        cancel=lambda: not ctx.is_current("visitor", run)))[-1]
+    assert "1 PPLM tokens" in out[2] and "stopped" in out[2] and hook_count(tiny.model) == 0
 
 
 @pytest.mark.real

@@ -453,7 +453,7 @@ def _perturb(lm: LoadedModel, attrs: Sequence[Attribute], cfg: PPLMConfig, pert:
             total = loss + cfg.kl_scale * _kl(logits, unpert_logits) if cfg.kl_scale > 0 else loss
             flat = [t for pair in leaves for t in pair]
             grads = torch.autograd.grad(total, flat, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g * mask for x, g in zip(flat, grads)]
+        grads = [torch.zeros_like(x) if g is None else g * mask.to(g.device, g.dtype) for x, g in zip(flat, grads)]
         pairs = [(grads[2 * i], grads[2 * i + 1]) for i in range(len(leaves))]
         norms = [torch.sqrt(gk.pow(2).sum() + gv.pow(2).sum()) + SMALL for gk, gv in pairs]
         if grad_norms is not None:
