@@ -279,6 +279,26 @@ def test_app_callback_and_figure(tiny):
     assert "English direction" in names and "cos en" in names and "cos es" in names
 
 
+def test_app_tab_builds_and_its_button_runs_on_library_names(tiny, tmp_path):
+    import gradio as gr
+
+    from steering_lab.ui import method_crosslingual as ui
+    from steering_lab.ui.context import make_context
+
+    shipped = tmp_path / "shipped"
+    _tiny_vector(tiny).save(shipped / "vectors" / "rnd")
+    _tiny_probe(tiny).save(shipped / "probes" / "rndprobe")
+    ctx = make_context(tiny, user_dir=tmp_path / "user", shipped_root=shipped)
+    with gr.Blocks():
+        ui.build(ctx, {})
+    rows, _, summary = ui.run_from_library(ctx, "rnd", "rndprobe", ["ru"], 3)
+    assert [r[0] for r in rows] == ["en", "ru"] and rows[0][2] == 3 and summary["probe_layer"] == 1
+    rows, _, summary = ui.run_from_library(ctx, "rnd", ui.NO_PROBE, ["ru"], 3)
+    assert summary["probe"] is None and rows[1][5] is None
+    with pytest.raises(UserError, match="language"):
+        ui.run_from_library(ctx, "rnd", ui.NO_PROBE, [], 3)
+
+
 def test_cli_rejects_bad_input_before_loading_a_model(capsys):
     from steering_lab.cli import main
 

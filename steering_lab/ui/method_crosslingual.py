@@ -45,14 +45,29 @@ def crosslingual_figure(report: CrosslingualReport) -> go.Figure:
 
 def run_check(lm, vector, probe, languages, limit: int | None = None, *, vector_name: str = "",
               probe_name: str = "", progress: bool = False) -> tuple[list[list], go.Figure, dict]:
-    """The separation check as the tab shows it: table rows, figure, summary."""
-    report = separation(lm, vector, probe, languages, limit=limit, progress=progress, vector_name=vector_name,
-                        probe_name=probe_name)
+    """The separation check as the tab shows it: table rows, figure, summary (``limit`` prompts per side
+    and language, and for the English reference direction)."""
+    report = separation(lm, vector, probe, languages, limit=limit, reference_limit=limit, progress=progress,
+                        vector_name=vector_name, probe_name=probe_name)
     summary = {"vector": report.vector, "layer": report.layer, "probe": report.probe,
                "probe_layer": report.probe_layer, "model": report.model,
                "english_split": "held-out test split of the bundled English set",
-               "reference": "English train+val mean-difference direction (the cosine curve)"}
+               "reference": f"English train+val mean-difference direction (the cosine curve), first {limit} "
+                            "prompts per side"}
     return report.table_rows(), crosslingual_figure(report), summary
+
+
+def run_from_library(ctx: AppContext, vector_name: str, probe_name: str | None, languages, limit,
+                     progress: bool = False) -> tuple[list[list], go.Figure, dict]:
+    """The tab's button: library names in, :func:`run_check` out."""
+    from ..errors import check
+
+    check(bool(vector_name), "choose a vector")
+    check(bool(languages), "choose at least one language")
+    vector = ctx.vectors.get(vector_name)
+    probe = None if not probe_name or probe_name == NO_PROBE else ctx.probes.get(probe_name)
+    return run_check(ctx.lm, vector, probe, list(languages), int(limit), vector_name=vector_name,
+                     probe_name="" if probe is None else probe_name, progress=progress)
 
 
 def build(ctx: AppContext, steer: dict) -> dict:
@@ -78,14 +93,7 @@ def build(ctx: AppContext, steer: dict) -> dict:
     @gpu
     @user_errors
     def on_run(vname, pname, codes, n, progress=gr.Progress(track_tqdm=True)):
-        from ..errors import check
-
-        check(bool(vname), "choose a vector")
-        check(bool(codes), "choose at least one language")
-        vector = ctx.vectors.get(vname)
-        probe = None if not pname or pname == NO_PROBE else ctx.probes.get(pname)
-        return run_check(ctx.lm, vector, probe, list(codes), int(n), vector_name=vname,
-                         probe_name="" if probe is None else pname, progress=True)
+        return run_from_library(ctx, vname, pname, codes, n, progress=True)
 
     go_btn.click(on_run, [vec, prb, langs, limit], [table, chart, info], concurrency_id=MODEL_QUEUE,
                  concurrency_limit=1, api_visibility="private")
