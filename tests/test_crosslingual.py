@@ -307,6 +307,22 @@ def test_cli_rejects_bad_input_before_loading_a_model(capsys):
     assert main(["crosslingual", "--limit", "1"]) == 2
 
 
+def test_cli_runs_on_a_local_model_and_prints_json(tiny, tiny_dir, tmp_path, capsys):
+    import json
+
+    from steering_lab.cli import main
+
+    _tiny_vector(tiny).save(tmp_path / "v")
+    argv = ["crosslingual", "--model", str(tiny_dir), "--vector", str(tmp_path / "v"), "--probe", "none",
+            "--languages", "zh", "--limit", "2", "--reference-limit", "2"]
+    assert main([*argv, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [r["language"] for r in rep["rows"]] == ["en", "zh"] and rep["probe"] is None and rep["layer"] == 2
+    assert main([*argv, "--interventions", "--max-new-tokens", "2", "--strength", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "auroc_dir" in out and "interventions: add strength 0.0 at layer 2" in out
+
+
 # ---- the embedded model (a few seconds) ---------------------------------------------------------------
 
 @pytest.mark.real

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interventions", action="store_true",
                    help="also generate: direction added on harmless prompts, ablated on harmful ones")
     p.add_argument("--limit", type=common.positive_int, default=None, help="at most this many prompts per side")
+    p.add_argument("--reference-limit", type=common.positive_int, default=None,
+                   help="at most this many English train+val prompts per side for the reference direction")
     p.add_argument("--max-new-tokens", type=common.positive_int, default=24,
                    help="tokens per answer for the interventions (default 24)")
     p.add_argument("--data-dir", default=None,
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     lm = common.load_model_from_args(args)
     report = crosslingual(lm, vec, probe, languages, interventions=args.interventions, layer=args.layer,
                           strength=args.strength, data_dir=args.data_dir, limit=args.limit,
+                          reference_limit=args.reference_limit,
                           max_new_tokens=args.max_new_tokens, progress=True, vector_name=args.vector,
                           probe_name=None if no_probe else args.probe)
     if args.json:
