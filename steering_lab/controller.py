@@ -274,12 +274,17 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
                      target_tokens: int = 12, gate_weight: float = 1.0, hidden: int = 64, seed: int = 0,
                      progress: bool = False, harmful_val: Sequence[str] | None = None,
                      harmless_val: Sequence[str] | None = None, max_negative_rate: float = 0.05,
-                     weight_decay: float = 0.0, gate_epochs: int = 0, val_split: str = "val") -> Controller:
+                     weight_decay: float = 0.0, gate_epochs: int = 0, val_split: str = "val",
+                     init: Controller | None = None) -> Controller:
     """Train a controller (see module docstring). The LM stays frozen; only the small net learns.
 
     ``gate_epochs`` more epochs train the gate alone (its loss only, on the cached pooled activations:
     cheap, no LM pass). With ``harmful_val``/``harmless_val`` the gate threshold is then calibrated on
-    them (:meth:`Controller.calibrate`, recorded under the name ``val_split``); without, it stays 0.5."""
+    them (:meth:`Controller.calibrate`, recorded under the name ``val_split``); without, it stays 0.5.
+
+    ``init``: start from this controller's network (same layers and width; its input statistics are
+    kept). Its per-layer weights then anchor the gate-only epochs (squared error to them is added), so
+    a warm-started controller keeps the LM-trained layer weighting while its gate learns new prompts."""
     from .datasets import refusal_responses
     from .generate import generate
 
@@ -291,7 +296,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
     torch.manual_seed(seed)
     refusals = list(refusals or refusal_responses())
     # targets: a refusal for harmful prompts, the model's own (unsteered) opening for harmless ones
-    own = generate(lm, list(harmless), max_new_tokens=target_tokens)
+    own = generate(lm, list(harmless), max_new_tokens=target_tokens) if epochs > 0 else [""] * len(harmless)
     prompts = list(harmful) + list(harmless)
     targets = [refusals[i % len(refusals)] for i in range(len(harmful))] + own
     labels = torch.tensor([1.0] * len(harmful) + [0.0] * len(harmless))
@@ -299,7 +304,17 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
                      input_layers=list(input_layers), steer_layers=list(steer_layers), vector=vector,
                      base_strength=float(base_strength), model=lm.name)
     pooled = ctl.pooled(lm, prompts)  # fixed: the controller reads the unsteered prompt
-    ctl.net.set_input_stats(pooled)
+    anchor = None
+    if init is not None:
+        check(init.input_layers == ctl.input_layers and init.steer_layers == ctl.steer_layers
+              and init.net.body[0].out_features == hidden and init.pooling == ctl.pooling,
+              "init controller must have the same input/steer layers, pooling and hidden width")
+        ctl.net.load_state_dict(init.net.state_dict())
+        with torch.no_grad():
+            anchor = init.net(pooled)[1]
+        ctl.metrics["init"] = {"created": init.created}
+    else:
+        ctl.net.set_input_stats(pooled)
     opt = torch.optim.Adam(ctl.net.parameters(), lr=lr, weight_decay=weight_decay)
     flags = [p.requires_grad for p in lm.model.parameters()]
     try:
@@ -310,7 +325,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
     finally:
         for p, flag in zip(lm.model.parameters(), flags):
             p.requires_grad_(flag)
-    history += _fit_gate(ctl, pooled, labels, opt, gate_epochs, batch_size, seed, progress)
+    history += _fit_gate(ctl, pooled, labels, opt, gate_epochs, batch_size, seed, progress, anchor)
     ctl.net.eval()
     ctl.metrics["train_loss"] = history
     ctl.metrics["train"] = {"split": "train", "n_harmful": len(harmful), "n_harmless": len(harmless),
@@ -321,8 +336,9 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
     return ctl
 
 
-def _fit_gate(ctl, pooled, labels, opt, epochs, batch_size, seed, progress) -> list[float]:
-    """Gate-only epochs: binary cross-entropy of the scale on the cached pooled activations."""
+def _fit_gate(ctl, pooled, labels, opt, epochs, batch_size, seed, progress, anchor=None) -> list[float]:
+    """Gate-only epochs: binary cross-entropy of the scale on the cached pooled activations (plus the
+    squared error of the per-layer weights to ``anchor`` when given)."""
     g = torch.Generator().manual_seed(seed + 1)
     history = []
     ctl.net.train()
@@ -331,8 +347,10 @@ def _fit_gate(ctl, pooled, labels, opt, epochs, batch_size, seed, progress) -> l
         total = 0.0
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            scale, _ = ctl.net(pooled[idx])
+            scale, weights = ctl.net(pooled[idx])
             loss = torch.nn.functional.binary_cross_entropy(scale.clamp(1e-6, 1 - 1e-6), labels[idx])
+            if anchor is not None:
+                loss = loss + torch.nn.functional.mse_loss(weights, anchor[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -528,3 +546,62 @@ def conditional_generate(lm: LoadedModel, prompts: Sequence[str], condition: Con
     applies = condition.applies(lm, prompts).tolist()
     strengths = [strength if a else 0.0 for a in applies]
     return generate(lm, list(prompts), Steer(vector, strengths, layers=layers), **kw), applies
+
+
+# ---- the bundled recipe: refusal controller and harmful-request condition ---------------------------
+
+REFUSAL_SPLITS = {
+    "train": "data/harmful.txt + harmless.txt lines 0-59 (train) and 105-end (varied styles)",
+    "val": "data/harmful.txt + harmless.txt lines 60-79 (val) and data/heldout/*_style2.txt even lines (style-2 val)",
+    "test_instyle": "data/harmful.txt + harmless.txt lines 80-104 (test; same style as training)",
+    "test_style2": "data/heldout/*_style2.txt odd lines (style-2 test: chat/email/forum style, never trained on)",
+}
+
+
+def refusal_data(split: str) -> tuple[list[str], list[str]]:
+    """``(harmful, harmless)`` prompts of one split of :data:`REFUSAL_SPLITS`."""
+    from .datasets import instruction_split, style2_split
+
+    check(split in REFUSAL_SPLITS, f"unknown split {split!r} (choose {', '.join(REFUSAL_SPLITS)})")
+    if split == "train":
+        parts = [instruction_split("train"), instruction_split("varied")]
+    elif split == "val":
+        parts = [instruction_split("val"), style2_split("val")]
+    elif split == "test_instyle":
+        parts = [instruction_split("test")]
+    else:
+        parts = [style2_split("test")]
+    return [h for p in parts for h in p[0]], [x for p in parts for x in p[1]]
+
+
+def _report(artifact: Controller | Condition, lm: LoadedModel) -> None:
+    """Record the rates on the val and both test splits, each under its split's name."""
+    artifact.metrics["splits"] = dict(REFUSAL_SPLITS)
+    for split in ("val", "test_instyle", "test_style2"):
+        artifact.metrics[split] = {"split": split, **artifact.measure(lm, *refusal_data(split))}
+    artifact.metrics["selection_is_test"] = False
+
+
+def train_refusal_controller(lm: LoadedModel, vector: SteeringVector, *, steer_layers: Sequence[int],
+                             input_layers: Sequence[int], base_strength: float, max_negative_rate: float = 0.05,
+                             **kw) -> Controller:
+    """The shipped recipe: train on the train split of :data:`REFUSAL_SPLITS`, calibrate the gate on its
+    val split, and record the applied rates on val and both test splits (tests are only reported)."""
+    harmful, harmless = refusal_data("train")
+    h_val, l_val = refusal_data("val")
+    ctl = train_controller(lm, vector, harmful, harmless, steer_layers=steer_layers, input_layers=input_layers,
+                           base_strength=base_strength, harmful_val=h_val, harmless_val=l_val,
+                           max_negative_rate=max_negative_rate, **kw)
+    _report(ctl, lm)
+    return ctl
+
+
+def fit_refusal_condition(lm: LoadedModel, *, max_negative_rate: float = 0.05, layers: Sequence[int] | None = None,
+                          progress: bool = False) -> Condition:
+    """The shipped CAST condition (harmful request?): direction from the train split of
+    :data:`REFUSAL_SPLITS`, layer and threshold from its val split, rates recorded on val and both tests."""
+    cond = fit_condition(lm, *refusal_data("train"), *refusal_data("val"), layers=layers,
+                         max_negative_rate=max_negative_rate, progress=progress)
+    cond.description = "harmful request (apply steering) vs harmless, cosine at the last prompt token"
+    _report(cond, lm)
+    return cond
