@@ -134,3 +134,21 @@ def test_pairs_file_and_preset(tiny, tmp_path):
     assert len(pairs) == 2 and atp.resolve_metric(None, pairs)[0] == "logit_diff"
     pre = atp.preset_pairs(tiny, "sentiment", n_pairs=3)
     assert len(pre) == 3 and pre[0].clean[-4:] == pre[0].corrupt[-4:]  # aligned at the shared question suffix
+
+
+def test_cli(tiny_dir, tmp_path, capsys):
+    from steering_lab.cli.main import main
+
+    code = main(["attribution", "--preset", "sentiment", "-n", "1", "--model", str(tiny_dir), "--heads",
+                 "--no-graddrop", "--validate", "-k", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["n_pairs"] == 1 and len(out["suggested_layers"]) == 2 and len(out["top_heads"]) == 2
+    assert out["suggested_layers"][0] == out["top_layers"][0]["layer"]
+    assert {c["node_type"] for c in out["validation"]["correlations"]} == {"layers", "heads", "queries", "keys"}
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"clean": "I love it", "corrupt": "I hate it", "answer": " good"}\n')
+    assert main(["attribution", "--pairs", str(f), "--model", str(tiny_dir), "--no-graddrop"]) == 0
+    assert "suggested layers" in capsys.readouterr().out
+    assert main(["attribution", "--pairs", str(tmp_path / "missing.jsonl"), "--model", str(tiny_dir)]) == 2
+    assert main(["attribution", "--preset", "no-such-preset"]) == 2
+    assert "error" in capsys.readouterr().err

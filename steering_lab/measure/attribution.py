@@ -77,8 +77,9 @@ NODE_TYPES = ("layers", "heads", "queries", "keys")
 METHODS = ("atp", "atp_qk", "atp_star")
 MAX_PAIRS = 500
 # the question put around each contrast text when pairs are built from a contrast set
-QUESTION = 'Is the following text {a} or {b}? Answer with one word.\n\n"{text}"'
+QUESTION = 'Is this text {a} or {b}?\n"{text}"'
 ANSWER_PREFIX = "The text is"
+SYSTEM = ""  # an empty system turn: SmolLM2's template otherwise adds its default one (16 more tokens per run)
 
 
 @dataclass
@@ -163,9 +164,11 @@ def make_pairs(lm: LoadedModel, clean: Sequence[str], corrupt: Sequence[str], an
 
 def pairs_from_contrast(lm: LoadedModel, contrast: ContrastSet, n_pairs: int | None = None,
                         labels: tuple[str, str] | None = None) -> list[Pair]:
-    """Clean/corrupt pairs from a paired contrast set: the model is asked whether a text is
-    ``labels[0]`` or ``labels[1]`` (the set's labels); clean = the positive text, corrupt = the negative
-    one, metric answer tokens `` labels[0]`` (clean) and `` labels[1]``."""
+    """Clean/corrupt pairs from a paired contrast set: the model is asked (one chat turn, :data:`QUESTION`,
+    the answer begun with :data:`ANSWER_PREFIX`) whether a text is ``labels[0]`` or ``labels[1]`` (the
+    set's labels); clean = the positive text, corrupt = the negative one; the answer tokens are the first
+    tokens of `` labels[0]`` (clean) and `` labels[1]`` (for ``logit_diff``). For sets with prompts the
+    texts are the responses, shown without their prompts."""
     check(contrast.paired, f"contrast set {contrast.name!r} is not paired ({len(contrast.positive)} positive, "
                            f"{len(contrast.negative)} negative examples)")
     a, b = labels or contrast.labels
@@ -173,7 +176,8 @@ def pairs_from_contrast(lm: LoadedModel, contrast: ContrastSet, n_pairs: int | N
     check(n > 0, "n_pairs must be at least 1")
 
     def ids(text: str) -> list[int]:
-        return lm.encode_prompt(QUESTION.format(a=a, b=b, text=text)) + lm.encode(ANSWER_PREFIX, special=False)
+        return lm.encode_prompt(QUESTION.format(a=a, b=b, text=text), system=SYSTEM) + lm.encode(ANSWER_PREFIX,
+                                                                                                   special=False)
 
     ans, wrong = _first_token(lm, " " + a, "label"), _first_token(lm, " " + b, "label")
     check(ans != wrong, f"labels {a!r} and {b!r} start with the same token; give other labels")
