@@ -2,6 +2,7 @@
 
     python scripts/build_library.py            # everything (~15 min on 2 CPU cores)
     python scripts/build_library.py --only sentiment,formality
+    python scripts/build_library.py --only controller,condition   # refusal controller + CAST condition
 
 Each vector's json gets ``effect``: one line measured here, at its recommended strength, on
 prompts that extraction did not use. Writes vectors/README.md with the table.
@@ -31,6 +32,12 @@ from steering_lab.refusal import style_direction  # noqa: E402
 
 SHIPPED = ROOT / "steering_lab" / "shipped"  # package data (steering_lab.resources.shipped_root())
 VECTORS, PROBES, CONTROLLERS = SHIPPED / "vectors", SHIPPED / "probes", SHIPPED / "controllers"
+CONDITIONS = SHIPPED / "conditions"  # CAST conditions (controller.Condition), loaded by path
+# the refusal controller's training (controller.train_controller keywords): warm start from the controller
+# trained through the LM (its per-layer weights anchor the rest), then gate-only epochs on all training prompts
+# (an LM-loss epoch over 546 prompts is too slow for 2 shared CPU cores)
+CONTROLLER_TRAINING = dict(epochs=0, gate_epochs=40, weight_decay=1e-2, batch_size=16)
+CONTROLLER_INIT_COMMIT = "65250e2"
 TOKENS = 40
 
 
@@ -87,6 +94,25 @@ def trait_effect(lm, vec) -> str:
             f"(layer {vec.recommended_layer})")
 
 
+def controller_init(lm):
+    """The controller whose LM-trained layer weighting the refusal controller starts from: the one trained
+    end to end through the LM on lines 0-59 (git CONTROLLER_INIT_COMMIT); the shipped one outside a checkout."""
+    import subprocess
+    import tempfile
+
+    from steering_lab.controller import Controller
+
+    tmp = Path(tempfile.mkdtemp(prefix="controller-init-"))
+    try:
+        for ext in ("safetensors", "json"):
+            spec = f"{CONTROLLER_INIT_COMMIT}:steering_lab/shipped/controllers/refusal_style.{ext}"
+            blob = subprocess.run(["git", "show", spec], cwd=ROOT, capture_output=True, check=True).stdout
+            (tmp / f"refusal_style.{ext}").write_bytes(blob)
+        return Controller.load(tmp / "refusal_style", lm)
+    except (OSError, subprocess.CalledProcessError):
+        return Controller.load(CONTROLLERS / "refusal_style", lm)
+
+
 def save_vector(vec, name: str, effect: str) -> None:
     vec.extra["effect"] = effect
     vec.extra["library"] = f"built by scripts/build_library.py on {datetime.date.today()}"
@@ -97,7 +123,7 @@ def save_vector(vec, name: str, effect: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None, help="comma-separated subset of: sentiment, formality, harmful, "
-                                                 "refusal_style, traits, probes, controller")
+                                                 "refusal_style, traits, probes, controller, condition (CAST)")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
 
@@ -146,20 +172,28 @@ def main() -> None:
             probe.save(PROBES / name)
             log(f"probe {name}: layer {probe.layer}, held-out AUROC {probe.metrics['test_auroc']:.3f}")
     if want("controller"):
-        from steering_lab.controller import train_controller
+        from steering_lab.controller import train_refusal_controller
         from steering_lab.vector import SteeringVector
 
         vec = SteeringVector.load(VECTORS / "refusal_style", lm)
         rec = vec.recommended_layer
-        harmful, harmless = instruction_split("train")
-        ctl = train_controller(lm, vec, harmful, harmless, steer_layers=list(range(rec - 2, rec + 3)),
-                               input_layers=[6, 9, 12], base_strength=vec.recommended_strength, epochs=5)
-        h_test, l_test = instruction_split("test")
-        scale, _ = ctl.decide(lm, h_test + l_test)
-        ctl.metrics.update({"test_applied_harmful": float((scale[:25] >= 0.5).float().mean()),
-                            "test_applied_harmless": float((scale[25:] >= 0.5).float().mean())})
+        # train: in-style train + varied lines; gate threshold calibrated on val (in-style + style-2);
+        # applied rates recorded on val and on both test splits (controller.REFUSAL_SPLITS)
+        ctl = train_refusal_controller(lm, vec, steer_layers=list(range(rec - 2, rec + 3)), input_layers=[6, 9, 12],
+                                       base_strength=vec.recommended_strength, init=controller_init(lm),
+                                       **CONTROLLER_TRAINING)
         ctl.save(CONTROLLERS / "refusal_style")
-        log(f"controller: {ctl.metrics}")
+        log(f"controller: threshold {ctl.threshold:.4f}; " + "; ".join(
+            f"{k} applied {ctl.metrics[k]['applied_harmful']:.0%} harmful / {ctl.metrics[k]['applied_harmless']:.0%} "
+            f"harmless" for k in ("val", "test_instyle", "test_style2")))
+    if want("condition"):
+        from steering_lab.controller import fit_refusal_condition
+
+        cond = fit_refusal_condition(lm)
+        cond.save(CONDITIONS / "harmful")
+        log(f"condition: layer {cond.layer}, threshold {cond.threshold:.4f}; " + "; ".join(
+            f"{k} applied {cond.metrics[k]['applied_harmful']:.0%} harmful / "
+            f"{cond.metrics[k]['applied_harmless']:.0%} harmless" for k in ("val", "test_instyle", "test_style2")))
     write_readme()
     log(f"done in {time.time() - t0:.0f} s")
 
