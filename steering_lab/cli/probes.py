@@ -83,8 +83,7 @@ def run_probe_score(args: argparse.Namespace) -> int:
 
 
 def run_controller_train(args: argparse.Namespace) -> int:
-    from ..controller import train_controller
-    from ..datasets import instruction_split
+    from ..controller import train_refusal_controller
     from ..extract import parse_layers
     from ..vector import base_path
 
@@ -100,16 +99,15 @@ def run_controller_train(args: argparse.Namespace) -> int:
     input_layers = parse_layers(args.input_layers, lm.n_layers) or sorted({lo, (lo + hi) // 2, hi})
     base = args.base_strength if args.base_strength is not None else vec.recommended_strength
     check(base is not None and base > 0, "give --base-strength (the vector has no recommended strength)")
-    harmful, harmless = instruction_split("train")
-    ctl = train_controller(lm, vec, harmful, harmless, steer_layers=steer_layers, input_layers=input_layers,
-                           base_strength=float(base), epochs=args.epochs, progress=True)
-    h_test, l_test = instruction_split("test")
-    scale, _ = ctl.decide(lm, h_test + l_test)
-    on_h = float((scale[: len(h_test)] >= ctl.threshold).float().mean())
-    on_l = float((scale[len(h_test):] >= ctl.threshold).float().mean())
-    ctl.metrics.update({"test_applied_harmful": on_h, "test_applied_harmless": on_l})
+    # train on the in-style train + varied lines, gate threshold calibrated on val, rates per split recorded
+    ctl = train_refusal_controller(lm, vec, steer_layers=steer_layers, input_layers=input_layers,
+                                   base_strength=float(base), epochs=args.epochs, progress=True)
     saved = ctl.save(out)
     print(f"steer layers {steer_layers}, input layers {input_layers}, base strength {base}")
-    print(f"held-out test split: steering applied on {on_h:.0%} of harmful and {on_l:.0%} of harmless prompts")
+    print(f"gate threshold {ctl.threshold:.4f} (calibrated on the val split: harmless rate <= 5%)")
+    for split in ("test_instyle", "test_style2"):
+        m = ctl.metrics[split]
+        print(f"{split} split: steering applied on {m['applied_harmful']:.0%} of harmful and "
+              f"{m['applied_harmless']:.0%} of harmless prompts")
     print(f"saved {saved}.safetensors and {saved}.json")
     return 0
