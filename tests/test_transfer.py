@@ -271,13 +271,13 @@ def test_app_callback_saves_transferred_vector(donor, rotated, tmp_path):
     SteeringVector({2: v}, model=donor.name, n_layers=4, recommended_layer=2, dataset="toy").save(tmp_path / "up")
     vec = pick_vector(ctx, None, str(tmp_path / "up.safetensors"), str(tmp_path / "up.json"))
     steps = []
-    saved, text = transfer_into_library(ctx, donor, vec, prompts="all", max_prompts=300,
+    saved, text = transfer_into_library(ctx, donor, vec, prompts="all", max_prompts=120,
                                         on_step=lambda i, n, what: steps.append(i))
     assert saved == "toy-transferred" and "| 2 | 2 |" in text and steps == [0, 1, 2, 3]
     got = ctx.vectors.get(saved)
     assert got.model == rot.name and torch.allclose(got[2], v @ q, atol=1e-4)
     with pytest.raises(UserError, match="exists"):
-        transfer_into_library(ctx, donor, vec, max_prompts=300)
+        transfer_into_library(ctx, donor, vec, max_prompts=120)
     with pytest.raises(UserError, match="choose a library vector"):
         pick_vector(ctx, None)
 
