@@ -97,10 +97,14 @@ def get_method(name: str) -> Method:
 # ---- layer scan ---------------------------------------------------------------------------------
 
 def auroc(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> float:
-    """P(score of a random positive > score of a random negative), ties count half."""
-    p = pos_scores.double().reshape(-1, 1)
-    n = neg_scores.double().reshape(1, -1)
-    return float(((p > n).double() + 0.5 * (p == n).double()).mean())
+    """P(score of a random positive > score of a random negative), ties count half
+    (``sklearn.metrics.roc_auc_score`` with the positives as class 1)."""
+    from sklearn.metrics import roc_auc_score
+
+    p = pos_scores.detach().double().reshape(-1).cpu()
+    n = neg_scores.detach().double().reshape(-1).cpu()
+    check(p.numel() > 0 and n.numel() > 0, "AUROC needs scores of both classes")
+    return float(roc_auc_score([1] * p.numel() + [0] * n.numel(), torch.cat([p, n]).numpy()))
 
 
 @dataclass
@@ -157,10 +161,14 @@ def recommend_layer(rows: Sequence[LayerScore], n_layers: int) -> int:
 
 
 def scan(pos: Activations, neg: Activations, method: str, contrast: ContrastSet, *, n_layers: int,
-         holdout: float = 0.3, seed: int = 0) -> LayerScan:
-    """Fit ``method`` on a train split at every collected layer; score on the held-out split."""
+         holdout: float = 0.3, seed: int = 0,
+         splits: tuple[list[int], list[int], list[int], list[int]] | None = None) -> LayerScan:
+    """Fit ``method`` on a train split at every collected layer; score on the held-out split.
+
+    ``splits`` = ``(pos_train, pos_select, neg_train, neg_select)`` indices (e.g. a validation split
+    of a set that also has a test split); by default a seeded ``holdout`` split of ``contrast``."""
     fn = get_method(method)
-    pt, ph, nt, nh = contrast.split(holdout, seed)
+    pt, ph, nt, nh = splits if splits is not None else contrast.split(holdout, seed)
     in_sample = not ph or not nh
     if in_sample:
         pt, ph, nt, nh = (list(range(len(contrast.positive))), list(range(len(contrast.positive))),

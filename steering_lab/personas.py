@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .activations import collect
-from .datasets import ContrastSet, _data_text, _lines
+from .activations import Activations, collect
+from .datasets import ContrastSet, _data_text, _jsonl_rows, _lines
 from .errors import check
-from .extract import extract
+from .extract import LayerScan, auroc, extract, get_method, scan
 from .model import LoadedModel
 from .vector import SteeringVector
 
@@ -185,13 +185,14 @@ def calibrate_trait(lm: LoadedModel, vec: SteeringVector, contrast: ContrastSet)
 
 
 def decorrelate(lm: LoadedModel, vectors: dict[str, SteeringVector],
-                contrasts: dict[str, ContrastSet]) -> dict[str, SteeringVector]:
+                contrasts: dict[str, ContrastSet] | None = None,
+                statement_cache: dict[str, dict[str, Activations]] | None = None) -> dict[str, SteeringVector]:
     """Symmetric (Löwdin) orthogonalisation of several trait directions, layer by layer.
 
     Trait directions of one model share components (here the Big Five share a "pleasant,
     engaged" axis: cosines 0.15-0.45), so steering one also moves the others. ``D (D D^T)^-1/2``
     gives the orthonormal set closest to the originals; each trait's score is recalibrated on its
-    new direction."""
+    new direction (on ``contrasts`` when given, else on the bundled statements of each trait)."""
     names = list(vectors)
     check(len(names) >= 2, "decorrelation needs at least two vectors")
     layers = sorted(set.intersection(*(set(v.layers) for v in vectors.values())))
@@ -214,10 +215,168 @@ def decorrelate(lm: LoadedModel, vectors: dict[str, SteeringVector],
                              extra=dict(old.extra))
         k = old.recommended_layer
         vec.extra["cosine_with_raw_direction"] = round(float(vec[k] @ old[k].float()), 4)
-        calibrate_trait(lm, vec, contrasts[n])
+        if contrasts is not None:
+            calibrate_trait(lm, vec, contrasts[n])
+        else:
+            calibrate_on_statements(lm, vec, (statement_cache or {}).get(n))
         out[n] = vec
     return out
 
+
+
+# ---- trait statements: first-person texts written for this project, not keyed on our openings ----
+
+# Every statement is scored as the answer to this one prompt (trait score, statement directions).
+STATEMENT_PROMPT = "Tell me something about yourself."
+# Fractions of each pole's statements in train / val (selection) / test (report); the split of a
+# statement depends only on its text (a hash), so it is deterministic and stable when texts are added.
+STATEMENT_SPLITS = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+
+
+def _key(text: str) -> str:
+    """Lower-cased, punctuation and extra spaces removed: near-duplicates share a key."""
+    import re
+
+    return re.sub(r"[^a-z0-9 ]", "", re.sub(r"\s+", " ", text.lower())).strip()
+
+
+def trait_statements(name: str, *, heldout: bool = False) -> dict[str, list[str]]:
+    """``{"high": [...], "low": [...]}``: the bundled statements of a Big Five trait
+    (``data/traits/NAME.jsonl``: first-person, everyday topics), or with ``heldout`` the differently
+    styled held-out set (``data/traits_heldout/NAME.jsonl``: third person, diary, interview answers),
+    which nothing trains or selects on."""
+    check(name in BIG_FIVE, f"no bundled statements for {name!r} (built in: {', '.join(BIG_FIVE)})")
+    folder = "traits_heldout" if heldout else "traits"
+    where = f"{folder}/{name}.jsonl"
+    out: dict[str, list[str]] = {"high": [], "low": []}
+    for n, row in enumerate(_jsonl_rows(_data_text(where), where), 1):
+        pole, text = row.get("pole"), row.get("text")
+        check(pole in out, f"{where} row {n}: 'pole' must be 'high' or 'low'")
+        check(isinstance(text, str) and text.strip() != "", f"{where} row {n}: empty 'text'")
+        out[pole].append(text.strip())
+    return out
+
+
+def statement_split_indices(texts: Sequence[str]) -> dict[str, list[int]]:
+    """Indices of ``texts`` in each of train / val / test: sorted by a hash of the text, then cut."""
+    import hashlib
+
+    order = sorted(range(len(texts)), key=lambda i: hashlib.sha256(_key(texts[i]).encode()).hexdigest())
+    out, start = {}, 0
+    for j, (split, frac) in enumerate(STATEMENT_SPLITS):
+        stop = len(order) if j == len(STATEMENT_SPLITS) - 1 else start + round(frac * len(order))
+        out[split] = sorted(order[start:stop])
+        start = stop
+    return out
+
+
+def trait_statement_set(name: str, split: str | None = None) -> ContrastSet:
+    """The statements of ``name`` as a contrast set (+ = high), all of them or one split
+    (``train``, ``val``, ``test``, or ``heldout_style`` for the differently styled held-out set)."""
+    splits = [s for s, _ in STATEMENT_SPLITS]
+    check(split is None or split in splits + ["heldout_style"],
+          f"unknown split {split!r} (choose {', '.join(splits)} or heldout_style)")
+    poles = trait_statements(name, heldout=split == "heldout_style")
+    if split not in (None, "heldout_style"):
+        poles = {p: [t[i] for i in statement_split_indices(t)[split]] for p, t in poles.items()}
+    return ContrastSet(name=f"traits:{name}" + (f" ({split})" if split else ""), positive=poles["high"],
+                       negative=poles["low"], labels=(f"high {name}", f"low {name}"),
+                       description=f"{name}: statements, high (1) vs low (0)")
+
+
+def statement_splits(name: str):
+    """``(train, val, test)`` index pairs into :func:`trait_statement_set` ``(name)`` (all statements)."""
+    poles = trait_statements(name)
+    idx = {p: statement_split_indices(t) for p, t in poles.items()}
+    return tuple((idx["high"][s], idx["low"][s]) for s, _ in STATEMENT_SPLITS)
+
+
+def statement_acts(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int] | None = None, *,
+                   batch_size: int = 16, progress: bool = False) -> Activations:
+    """Mean block output over each statement's tokens, as the answer to :data:`STATEMENT_PROMPT`."""
+    return collect(lm, [STATEMENT_PROMPT] * len(texts), list(texts), layers=layers, position="response_mean",
+                   batch_size=batch_size, progress=progress, desc="statements")
+
+
+def statement_activations(lm: LoadedModel, name: str, layers: Sequence[int] | None = None, *,
+                          progress: bool = False) -> dict[str, Activations]:
+    """:func:`statement_acts` of all statements of ``name`` (``high``, ``low``) and of its held-out style
+    set (``heldout_high``, ``heldout_low``): one pass each, to share between fitting and calibration."""
+    cs, held = trait_statement_set(name), trait_statement_set(name, "heldout_style")
+    kw = dict(progress=progress)
+    return {"high": statement_acts(lm, cs.positive, layers, **kw), "low": statement_acts(lm, cs.negative, layers, **kw),
+            "heldout_high": statement_acts(lm, held.positive, layers, **kw),
+            "heldout_low": statement_acts(lm, held.negative, layers, **kw)}
+
+
+def statement_direction(lm: LoadedModel, trait: Trait, *, acts: dict[str, Activations] | None = None,
+                        progress: bool = False) -> SteeringVector:
+    """The response direction of ``trait`` from its bundled statements (mean difference, high minus
+    low, of the statements' mean block output as answers to :data:`STATEMENT_PROMPT`), fitted on the
+    train split; layer and strength chosen by the usual layer scan on the validation split
+    (``extract.recommend_layer``, strength ``STRENGTH_FRACTION`` x token norm); the trait score
+    calibrated on the train split; ``extra["metrics"]`` holds the score's AUROC on val, on test
+    (chose nothing) and on the differently styled held-out set. ``acts``: from
+    :func:`statement_activations` (all layers), computed here when not given."""
+    cs = trait_statement_set(trait.name)
+    train, val, _ = statement_splits(trait.name)
+    acts = acts or statement_activations(lm, trait.name, progress=progress)
+    pos, neg = acts["high"], acts["low"]
+    table: LayerScan = scan(pos, neg, "mean_diff", cs, n_layers=lm.n_layers,
+                            splits=(train[0], val[0], train[1], val[1]))
+    fn = get_method("mean_diff")
+    dirs, raw = {}, {}
+    for j, k in enumerate(pos.layers):
+        d = fn(pos.acts[train[0], j], neg.acts[train[1], j])
+        dirs[k] = d / d.norm().clamp_min(1e-12)
+        raw[str(k)] = round(float(d.norm()), 4)
+    vec = SteeringVector(directions=dirs, model=lm.name, d_model=lm.d_model, n_layers=lm.n_layers,
+                         method="mean_diff", dataset=cs.name, recommended_layer=table.recommended_layer,
+                         recommended_strength=table.recommended_strength, normalized=True,
+                         description=f"{trait.name} (+) / its opposite (-): mean difference of first-person "
+                                     "statements (mean over their tokens, answering one fixed prompt)",
+                         extra={"position": "response_mean", "chat": True, "labels": list(cs.labels),
+                                "model_type": getattr(lm.model.config, "model_type", None),
+                                "n_positive": len(train[0]), "n_negative": len(train[1]), "raw_norms": raw,
+                                "layer_scan": dict(table.to_dict(), selected_on="val", fitted_on="train"),
+                                "trait": {"name": trait.name, "high": trait.high, "low": trait.low}})
+    calibrate_on_statements(lm, vec, acts)
+    return vec
+
+
+def calibrate_on_statements(lm: LoadedModel, vec: SteeringVector, acts: dict[str, Activations] | None = None) -> None:
+    """Trait-score calibration of ``vec`` on the train statements of its trait (``mu_high``/``mu_low``
+    = mean projections), and ``vec.extra["metrics"]``: the trait score's AUROC on val, test and the
+    differently styled held-out set, each named by its split."""
+    name = vec.extra["trait"]["name"]
+    train, val, test = statement_splits(name)
+    if acts is None:
+        acts = statement_activations(lm, name, [vec.recommended_layer])
+    # the score reads the layer where the projection separates the validation statements best (the
+    # steering layer stays the layer scan's choice; near-ties go to the steering layer, then the shallower)
+    layers = [k for k in acts["high"].layers if k in vec.directions]
+
+    def val_auroc(k: int) -> float:
+        u = vec[k].float()
+        j = acts["high"].layers.index(k)
+        return auroc(acts["high"].acts[val[0], j] @ u, acts["low"].acts[val[1], j] @ u)
+
+    scores = {k: val_auroc(k) for k in layers}
+    best = max(scores.values())
+    near = [k for k in layers if scores[k] >= best - 0.005]
+    layer = vec.recommended_layer if vec.recommended_layer in near else min(near)
+    unit = vec[layer].float()
+    proj = {k: a.acts[:, a.layers.index(layer)] @ unit for k, a in acts.items()}
+    pp, pn, hp, hn = proj["high"], proj["low"], proj["heldout_high"], proj["heldout_low"]
+    vec.extra["trait_score"] = {"layer": layer, "mu_high": float(pp[train[0]].mean()),
+                                "mu_low": float(pn[train[1]].mean()), "calibrated_on": "train",
+                                "prompt": STATEMENT_PROMPT, "layer_selected_on": "val",
+                                "val_auroc_by_layer": {str(k): round(v, 4) for k, v in scores.items()}}
+    vec.extra["metrics"] = {"val": {"auroc": auroc(pp[val[0]], pn[val[1]]), "n": len(val[0]) + len(val[1])},
+                            "test": {"auroc": auroc(pp[test[0]], pn[test[1]]), "n": len(test[0]) + len(test[1])},
+                            "heldout_style": {"auroc": auroc(hp, hn), "n": int(hp.numel() + hn.numel())},
+                            "selected_on": "val", "selection_is_test": False,
+                            "what": "AUROC of the trait score (projection at the recommended layer) on statements"}
 
 def trait_scores(lm: LoadedModel, vec: SteeringVector, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     """Calibrated trait score of each (prompt, response): 0 ~ trait-low answers, 1 ~ trait-high answers."""

@@ -1,5 +1,6 @@
-"""Linear probes: logistic regression (scikit-learn) on pooled block outputs, a layer sweep with
-held-out AUROC and accuracy, and a torch-only scorer that is bit-identical before and after
+"""Linear probes: logistic regression (scikit-learn) on pooled block outputs, a layer (and pooling)
+sweep and a decision threshold chosen on a validation split, AUROC/accuracy reported on a test split
+that chose nothing (``sklearn.metrics.roc_auc_score``), and a torch-only scorer that is bit-identical before and after
 save/load (safetensors + json, never pickle).
 
 Score = sigmoid(w . (h - mean) / scale + b), in [0, 1], 1 = the positive class.
@@ -145,8 +146,9 @@ def fit_probe(pos: torch.Tensor, neg: torch.Tensor, C: float = 1.0) -> tuple[tor
 @dataclass
 class ProbeLayerScore:
     layer: int
-    auroc: float
-    accuracy: float
+    auroc: float      # on the selection (validation) split
+    accuracy: float   # on the selection split, at the default threshold (score 0.5)
+    pooling: str = ""
 
 
 def _pooled(lm: LoadedModel, texts: Sequence[str], pooling: str, layers, chat: bool, batch_size: int,
@@ -172,50 +174,121 @@ def instruction_splits() -> tuple[Split, Split, Split]:
     return out[0], out[1], out[2]
 
 
-def train_probe(lm: LoadedModel, contrast: ContrastSet, *, pooling: str = "last", layer: int | None = None,
+def three_way_splits(contrast: ContrastSet, val: float = 0.2, test: float = 0.2,
+                     seed: int = 0) -> tuple[Split, Split, Split]:
+    """Seeded disjoint train / val / test index pairs of ``contrast`` (pairs stay together when the
+    set is paired); at least one example per class in val and test."""
+    import random
+
+    def cut(n: int, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+        check(n >= 3, f"contrast set {contrast.name!r}: a train/val/test split needs at least 3 examples per class")
+        idx = list(range(n))
+        rng.shuffle(idx)
+        k_test, k_val = max(1, round(n * test)), max(1, round(n * val))
+        check(n - k_test - k_val >= 1, f"contrast set {contrast.name!r} is too small for its val/test fractions")
+        return sorted(idx[k_test + k_val:]), sorted(idx[k_test:k_test + k_val]), sorted(idx[:k_test])
+
+    if contrast.paired:
+        tr, va, te = cut(len(contrast.positive), random.Random(seed))
+        return (tr, list(tr)), (va, list(va)), (te, list(te))
+    ptr, pva, pte = cut(len(contrast.positive), random.Random(seed))
+    ntr, nva, nte = cut(len(contrast.negative), random.Random(seed + 1))
+    return (ptr, ntr), (pva, nva), (pte, nte)
+
+
+def _threshold(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> float:
+    """The logit threshold with the best balanced accuracy on the given (selection) scores;
+    candidates are midpoints between neighbouring scores, ties go to the one nearest 0."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    x = torch.cat([pos_logits, neg_logits]).double()
+    y = [1] * pos_logits.numel() + [0] * neg_logits.numel()
+    v = torch.unique(x)
+    cands = torch.cat([v[:1] - 1, (v[1:] + v[:-1]) / 2, v[-1:] + 1]).tolist()
+    best = max(cands, key=lambda t: (balanced_accuracy_score(y, (x > t).int().tolist()), -abs(t)))
+    return float(best)
+
+
+def train_probe(lm: LoadedModel, contrast: ContrastSet, *, pooling: str = "last",
+                poolings: Sequence[str] | None = None, layer: int | None = None,
                 layers: Sequence[int] | None = None, splits: tuple[Split, Split, Split] | None = None,
-                holdout: float = 0.3, seed: int = 0, C: float = 1.0, chat: bool = True, batch_size: int = 16,
-                progress: bool = False) -> tuple[Probe, list[ProbeLayerScore]]:
-    """Fit a probe at every layer (or at ``layer``) on the train split, pick the layer with the
-    best AUROC on the selection split, and report AUROC/accuracy on the test split.
+                val: float = 0.2, test: float = 0.2, seed: int = 0, C: float = 1.0, chat: bool = True,
+                batch_size: int = 16, progress: bool = False, fit_threshold: bool = True,
+                evaluate_on: dict[str, ContrastSet] | None = None) -> tuple[Probe, list[ProbeLayerScore]]:
+    """Fit a probe at every (layer, pooling) on the train split, pick the one with the best AUROC
+    on the validation split, set its decision threshold on the validation split too, and report
+    AUROC/accuracy on the test split (which chose nothing) and on each set of ``evaluate_on``
+    (e.g. ``{"heldout_style": ...}``: texts of another style, never used to fit or select).
 
     The texts of ``contrast`` are classified as prompts (chat-formatted when ``chat``).
-    ``splits`` = (train, select, test) index pairs; by default a seeded ``holdout`` split whose
-    held-out part serves for both selection and the report (say so when you quote it).
+    ``splits`` = (train, val, test) index pairs; by default a seeded split with fractions ``val``
+    and ``test`` (:func:`three_way_splits`). ``poolings`` (default: just ``pooling``) are swept
+    along with the layers. The threshold is folded into the bias: score > 0.5 is the decision.
+    ``probe.metrics`` names the split of every number (``val``, ``test``, ``selected_on``).
     """
     check(contrast.prompts is None, "probes classify texts: give a contrast set without a 'prompt' field")
     if splits is None:
-        pt, ph, nt, nh = contrast.split(holdout, seed)
-        check(bool(ph) and bool(nh), "too few examples to hold any out (need at least 4 per class)")
-        splits = ((pt, nt), (ph, nh), (ph, nh))
-    train, select, test = splits
+        splits = three_way_splits(contrast, val, test, seed)
+    train, select, test_split = splits
+    for name, part in (("train", train), ("validation", select), ("test", test_split)):
+        check(bool(part[0]) and bool(part[1]), f"the {name} split needs examples of both classes")
+    pools = list(dict.fromkeys(poolings)) if poolings else [pooling]
     wanted = [layer] if layer is not None else (list(layers) if layers is not None else list(range(lm.n_layers)))
     for k in wanted:
         check(0 <= k < lm.n_layers, f"layer {k} out of range: the model has {lm.n_layers} blocks")
-    pos = _pooled(lm, contrast.positive, pooling, wanted, chat, batch_size, progress, "positive")
-    neg = _pooled(lm, contrast.negative, pooling, wanted, chat, batch_size, progress, "negative")
+    acts = {}
+    for pool in pools:
+        acts[pool] = (_pooled(lm, contrast.positive, pool, wanted, chat, batch_size, progress, f"positive ({pool})"),
+                      _pooled(lm, contrast.negative, pool, wanted, chat, batch_size, progress, f"negative ({pool})"))
 
-    def evaluate(probe: Probe, j: int, split: Split) -> tuple[float, float]:
-        sp, sn = probe.score(pos[split[0], j]), probe.score(neg[split[1], j])
-        acc = float(torch.cat([(sp > 0.5).float(), (sn <= 0.5).float()]).mean())
-        return auroc(sp, sn), acc
+    def evaluate(probe: Probe, sp: torch.Tensor, sn: torch.Tensor) -> dict[str, Any]:
+        lp, ln = probe.logit(sp), probe.logit(sn)
+        acc = float(torch.cat([(lp > 0).float(), (ln <= 0).float()]).mean())
+        return {"auroc": auroc(lp, ln), "accuracy": acc, "n": int(lp.numel() + ln.numel())}
 
     rows, fitted = [], {}
-    for j, k in enumerate(wanted):
-        w, mu, sd, b = fit_probe(pos[train[0], j], neg[train[1], j], C)
-        probe = Probe(layer=k, pooling=pooling, weight=w, mean=mu, scale=sd, bias=b)
-        a, acc = evaluate(probe, j, select)
-        rows.append(ProbeLayerScore(layer=k, auroc=a, accuracy=acc))
-        fitted[k] = (probe, j)
-    best = max(rows, key=lambda r: (r.auroc, r.accuracy, -r.layer))
-    probe, j = fitted[best.layer]
-    test_auroc, test_acc = evaluate(probe, j, test)
+    for pool in pools:
+        pos, neg = acts[pool]
+        for j, k in enumerate(wanted):
+            w, mu, sd, b = fit_probe(pos[train[0], j], neg[train[1], j], C)
+            probe = Probe(layer=k, pooling=pool, weight=w, mean=mu, scale=sd, bias=b)
+            m = evaluate(probe, pos[select[0], j], neg[select[1], j])
+            rows.append(ProbeLayerScore(layer=k, auroc=m["auroc"], accuracy=m["accuracy"], pooling=pool))
+            fitted[(pool, k)] = (probe, j)
+    best = max(rows, key=lambda r: (r.auroc, r.accuracy, -r.layer, -pools.index(r.pooling)))
+    probe, j = fitted[(best.pooling, best.layer)]
+    pos, neg = acts[best.pooling]
+    threshold = 0.0
+    if fit_threshold:
+        threshold = _threshold(probe.logit(pos[select[0], j]), probe.logit(neg[select[1], j]))
+        probe.bias = probe.bias - threshold
+    val_m = evaluate(probe, pos[select[0], j], neg[select[1], j])
+    test_m = evaluate(probe, pos[test_split[0], j], neg[test_split[1], j])
     probe.model, probe.d_model, probe.labels, probe.chat = lm.name, lm.d_model, tuple(contrast.labels), chat
     probe.dataset, probe.description = contrast.name, contrast.description or f"{contrast.name} probe"
-    probe.metrics = {"test_auroc": test_auroc, "test_accuracy": test_acc, "select_auroc": best.auroc,
-                     "n_train": len(train[0]) + len(train[1]), "n_test": len(test[0]) + len(test[1]),
-                     "selection_is_test": select == test, "layer_sweep": [asdict(r) for r in rows]}
+    selection_is_test = select == test_split
+    probe.metrics = {"val": val_m, "test": test_m, "selected_on": "val", "reported_on": "test",
+                     "selection_is_test": selection_is_test,
+                     "selected": {"layer": best.layer, "pooling": best.pooling,
+                                  "threshold_logit": threshold, "threshold_folded_into_bias": fit_threshold},
+                     # flat keys kept for older readers; same numbers as val/test above
+                     "test_auroc": test_m["auroc"], "test_accuracy": test_m["accuracy"],
+                     "select_auroc": val_m["auroc"],
+                     "n_train": len(train[0]) + len(train[1]), "n_val": val_m["n"], "n_test": test_m["n"],
+                     "layer_sweep_split": "val", "layer_sweep": [asdict(r) for r in rows]}
+    for name, extra in (evaluate_on or {}).items():
+        check(name not in probe.metrics, f"evaluation set name {name!r} is taken")
+        probe.metrics[name] = evaluate_texts(lm, probe, extra, batch_size=batch_size)
     return probe, rows
+
+
+def evaluate_texts(lm: LoadedModel, probe: Probe, contrast: ContrastSet, *, batch_size: int = 16) -> dict[str, Any]:
+    """AUROC and accuracy (score > 0.5) of ``probe`` on the two sides of ``contrast``, with its size."""
+    sp = torch.tensor(score_texts_with_probe(lm, probe, contrast.positive, batch_size=batch_size))
+    sn = torch.tensor(score_texts_with_probe(lm, probe, contrast.negative, batch_size=batch_size))
+    acc = float(torch.cat([(sp > 0.5).float(), (sn <= 0.5).float()]).mean())
+    return {"auroc": auroc(sp, sn), "accuracy": acc, "n": int(sp.numel() + sn.numel()),
+            "dataset": contrast.name}
 
 
 def score_texts_with_probe(lm: LoadedModel, probe: Probe, texts: Sequence[str], *, batch_size: int = 16,
@@ -226,8 +299,10 @@ def score_texts_with_probe(lm: LoadedModel, probe: Probe, texts: Sequence[str], 
     return probe.score(acts[:, 0]).tolist()
 
 
-def sweep_table(rows: Sequence[ProbeLayerScore], best: int) -> str:
-    lines = [f"{'layer':>5} {'auroc':>7} {'acc':>7}"]
+def sweep_table(rows: Sequence[ProbeLayerScore], best: int, pooling: str | None = None) -> str:
+    """The validation sweep as text (AUROC and accuracy on the selection split)."""
+    lines = [f"{'layer':>5} {'pool':>5} {'auroc':>7} {'acc':>7}   (validation split)"]
     for r in rows:
-        lines.append(f"{r.layer:>5} {r.auroc:>7.3f} {r.accuracy:>7.3f}{'  <- best' if r.layer == best else ''}")
+        mark = "  <- best" if r.layer == best and (pooling is None or r.pooling == pooling) else ""
+        lines.append(f"{r.layer:>5} {r.pooling:>5} {r.auroc:>7.3f} {r.accuracy:>7.3f}{mark}")
     return "\n".join(lines)

@@ -17,16 +17,36 @@ NEG = ["I hate this, it is awful.", "What a terrible day!", "Dreadful work!", "I
 
 @pytest.fixture(scope="module")
 def trained(tiny):
-    return train_probe(tiny, ContrastSet("mini", POS, NEG), pooling="mean", holdout=0.25)
+    return train_probe(tiny, ContrastSet("mini", POS, NEG), poolings=["mean", "last"], val=0.25, test=0.25)
 
 
 def test_layer_sweep_and_metadata(tiny, trained):
     probe, rows = trained
-    assert [r.layer for r in rows] == list(range(tiny.n_layers))
-    best = max(rows, key=lambda r: (r.auroc, r.accuracy, -r.layer))
-    assert probe.layer == best.layer and probe.pooling == "mean"
-    assert 0 <= probe.metrics["test_auroc"] <= 1 and probe.metrics["selection_is_test"]
+    assert [(r.pooling, r.layer) for r in rows] == [(p, k) for p in ("mean", "last") for k in range(tiny.n_layers)]
+    best = max(rows, key=lambda r: (r.auroc, r.accuracy, -r.layer, r.pooling == "mean"))
+    assert (probe.layer, probe.pooling) == (best.layer, best.pooling)
+    m = probe.metrics
+    # layer, pooling and threshold chosen on val; test reported, and it chose nothing
+    assert m["selected_on"] == "val" and m["selection_is_test"] is False and m["layer_sweep_split"] == "val"
+    assert m["select_auroc"] == m["val"]["auroc"] == best.auroc and m["test_auroc"] == m["test"]["auroc"]
+    assert m["n_val"] == m["val"]["n"] == 4 and m["n_test"] == m["test"]["n"] == 4 and m["n_train"] == 8
+    assert m["selected"]["threshold_folded_into_bias"]
     assert probe.d_model == tiny.d_model and probe.model == "tiny-llama"
+
+
+def test_splits_are_disjoint_and_the_threshold_is_chosen_on_val():
+    from steering_lab.probes import _threshold, three_way_splits
+
+    cs = ContrastSet("mini", POS, NEG)
+    train, val, test = three_way_splits(cs, 0.25, 0.25, seed=3)
+    assert three_way_splits(cs, 0.25, 0.25, seed=3) == (train, val, test)
+    for side in (0, 1):
+        parts = [set(train[side]), set(val[side]), set(test[side])]
+        assert sum(map(len, parts)) == len(POS) and set().union(*parts) == set(range(len(POS)))
+    # the balanced-accuracy threshold separates what can be separated, halfway between the classes
+    assert _threshold(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == pytest.approx(1.5)
+    with pytest.raises(UserError, match="at least 3"):
+        three_way_splits(ContrastSet("x", ["a", "b"], ["c", "d"]))
 
 
 def test_round_trip_is_bit_exact_and_scores_equal(tiny, trained, tmp_path):

@@ -118,3 +118,31 @@ def test_shipped_trait_probes_and_scores_separate_the_heldout_style(smol):
         proj = statement_acts(smol, pos + neg, [cal["layer"]], batch_size=36).acts[:, 0] @ vec[cal["layer"]].float()
         a = auroc(proj[:HELD_SLICE], proj[HELD_SLICE:])
         assert a >= MARGIN_FLOOR, (name, "trait score", a)
+
+
+def test_statement_pipeline_on_tiny(tiny):
+    """The build path on a tiny random model: direction fitted on train, layers chosen on val, the
+    score's numbers named by split; decorrelation recalibrates on the statements; probe selection on val."""
+    from steering_lab.personas import decorrelate, statement_activations, statement_direction, trait_scores
+    from steering_lab.probes import train_probe
+
+    names = ["openness", "neuroticism"]
+    cache = {n: statement_activations(tiny, n) for n in names}
+    raw = {n: statement_direction(tiny, BIG_FIVE[n], acts=cache[n]) for n in names}
+    for n, vec in raw.items():
+        cal, m = vec.extra["trait_score"], vec.extra["metrics"]
+        _named_metrics(m)
+        assert cal["calibrated_on"] == "train" and str(cal["layer"]) in cal["val_auroc_by_layer"]
+        assert vec.extra["layer_scan"]["selected_on"] == "val" and vec.extra["n_positive"] >= 90
+        train = trait_statement_set(n, "train")
+        s = trait_scores(tiny, vec, [STATEMENT_PROMPT] * len(train.positive), train.positive)
+        assert sum(s) / len(s) == pytest.approx(1.0, abs=1e-3)  # calibrated: train high answers score 1 on average
+    dec = decorrelate(tiny, raw, statement_cache=cache)
+    k = dec["openness"].recommended_layer
+    assert abs(float(dec["openness"][k] @ dec["neuroticism"][k])) < 1e-5
+    _named_metrics(dec["neuroticism"].extra["metrics"])
+    held = {"heldout_style": trait_statement_set("openness", "heldout_style")}
+    probe, _ = train_probe(tiny, trait_statement_set("openness"), chat=False, splits=statement_splits("openness"),
+                           layers=[1, 2], evaluate_on=held)
+    _named_metrics(probe.metrics)
+    assert probe.metrics["heldout_style"]["n"] == 88

@@ -60,8 +60,9 @@ def run_probe_train(args: argparse.Namespace) -> int:
     saved = probe.save(out)
     print(sweep_table(rows, probe.layer))
     m = probe.metrics
-    where = "bundled test split" if splits else "held-out split (also used to pick the layer)"
-    print(f"best layer: {probe.layer}; {where}: AUROC {m['test_auroc']:.3f}, accuracy {m['test_accuracy']:.3f}")
+    where = "bundled test split" if splits else "test split (the layer and threshold were chosen on a validation split)"
+    print(f"best layer: {probe.layer}; validation AUROC {m['val']['auroc']:.3f}; {where}: AUROC "
+          f"{m['test_auroc']:.3f}, accuracy {m['test_accuracy']:.3f}")
     print(f"saved {saved}.safetensors and {saved}.json")
     return 0
 
