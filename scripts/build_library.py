@@ -3,6 +3,7 @@
     python scripts/build_library.py            # everything (~15 min on 2 CPU cores)
     python scripts/build_library.py --only sentiment,formality
     python scripts/build_library.py --only controller,condition   # refusal controller + CAST condition
+    python scripts/build_library.py --only traits,trait_probes   # the Big Five vectors and probes
 
 Each vector's json gets ``effect``: one line measured here, at its recommended strength, on
 prompts that extraction did not use. Writes vectors/README.md with the table.
@@ -26,7 +27,17 @@ from steering_lab.generate import generate  # noqa: E402
 from steering_lab.intervene import Steer  # noqa: E402
 from steering_lab.metrics import informality, mean_distinct_n, refusal_rate  # noqa: E402
 from steering_lab.model import load_model  # noqa: E402
-from steering_lab.personas import BIG_FIVE, TEST_QUESTIONS, persona_questions, trait_direction, trait_scores  # noqa: E402
+from steering_lab.personas import (  # noqa: E402
+    BIG_FIVE,
+    TEST_QUESTIONS,
+    decorrelate,
+    persona_questions,
+    statement_activations,
+    statement_direction,
+    statement_splits,
+    trait_scores,
+    trait_statement_set,
+)
 from steering_lab.probes import instruction_splits, train_probe  # noqa: E402
 from steering_lab.refusal import style_direction  # noqa: E402
 
@@ -39,6 +50,7 @@ CONDITIONS = SHIPPED / "conditions"  # CAST conditions (controller.Condition), l
 CONTROLLER_TRAINING = dict(epochs=0, gate_epochs=40, weight_decay=1e-2, batch_size=16)
 CONTROLLER_INIT_COMMIT = "65250e2"
 TOKENS = 40
+POOLINGS = ["mean"]  # trait probes: poolings swept with the layers (on 2 CPU cores one is what fits)
 
 
 def log(msg: str) -> None:
@@ -94,6 +106,10 @@ def trait_effect(lm, vec) -> str:
             f"(layer {vec.recommended_layer})")
 
 
+def auroc_line(metrics: dict) -> str:
+    return ", ".join(f"{k} {metrics[k]['auroc']:.3f}" for k in ("val", "test", "heldout_style") if k in metrics)
+
+
 def controller_init(lm):
     """The controller whose LM-trained layer weighting the refusal controller starts from: the one trained
     end to end through the LM on lines 0-59 (git CONTROLLER_INIT_COMMIT); the shipped one outside a checkout."""
@@ -123,7 +139,8 @@ def save_vector(vec, name: str, effect: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None, help="comma-separated subset of: sentiment, formality, harmful, "
-                                                 "refusal_style, traits, probes, controller, condition (CAST)")
+                                                 "refusal_style, traits, probes (harmful + trait probes), "
+                                                 "trait_probes, controller, condition (CAST)")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
 
@@ -132,7 +149,6 @@ def main() -> None:
 
     lm = load_model()
     t0 = time.time()
-    trait_contrasts = {}
     if want("sentiment"):
         vec, _ = extract(lm, load_preset("sentiment"), "mean_diff")
         save_vector(vec, "sentiment", sentiment_effect(lm, vec))
@@ -148,29 +164,36 @@ def main() -> None:
         vec = style_direction(lm)
         save_vector(vec, "refusal_style", refusal_effect(lm, vec, ""))
     if want("traits"):
-        from steering_lab.personas import decorrelate, trait_contrast
-
-        raw = {}
-        for name, trait in BIG_FIVE.items():
-            contrast = trait_contrast(lm, trait)
-            trait_contrasts[name] = contrast
-            raw[name], _ = trait_direction(lm, trait, contrast=contrast)
-        for name, vec in decorrelate(lm, raw, trait_contrasts).items():
+        # statements written for this project (data/traits/): directions fitted on the train split, layer and
+        # strength chosen on the validation split, trait scores reported on test and on the held-out style set
+        cache = {name: statement_activations(lm, name) for name in BIG_FIVE}
+        raw = {name: statement_direction(lm, trait, acts=cache[name]) for name, trait in BIG_FIVE.items()}
+        for name, vec in raw.items():
+            log(f"{name} (raw): layer {vec.recommended_layer}, trait score AUROC {auroc_line(vec.extra['metrics'])}")
+        # decorrelated (symmetric orthogonalisation: steering one trait moves the others less) unless that costs
+        # the trait scores their separation on the validation split
+        dec = decorrelate(lm, raw, statement_cache=cache)
+        worst = min(v.extra["metrics"]["val"]["auroc"] for v in dec.values())
+        keep_raw = worst < 0.9 and worst < min(v.extra["metrics"]["val"]["auroc"] for v in raw.values()) - 0.02
+        log(f"decorrelated: worst val AUROC {worst:.3f}; shipping {'raw' if keep_raw else 'decorrelated'} vectors")
+        for name, vec in (raw if keep_raw else dec).items():
+            vec.extra["decorrelated"] = not keep_raw
             save_vector(vec, name, trait_effect(lm, vec))
+            log(f"{name}: trait score AUROC {auroc_line(vec.extra['metrics'])}")
     if want("probes"):
         probe, _ = train_probe(lm, load_preset("harmful"), pooling="last", splits=instruction_splits())
         probe.description = "harmful instruction (1) vs harmless (0), last prompt token"
         probe.save(PROBES / "harmful")
         log(f"probe harmful: layer {probe.layer}, test AUROC {probe.metrics['test_auroc']:.3f}")
-        from steering_lab.personas import continuations, trait_contrast
-
-        for name, trait in BIG_FIVE.items():
-            contrast = trait_contrasts.get(name) or trait_contrast(lm, trait)
-            texts = continuations(contrast)  # what the model wrote in character, not our openings
-            texts.description = f"{name}: high (1) vs low (0) answer text, mean over its tokens"
-            probe, _ = train_probe(lm, texts, pooling="mean", chat=False, holdout=0.3)
+    if want("probes") or want("trait_probes"):
+        for name in BIG_FIVE:
+            texts = trait_statement_set(name)
+            texts.description = (f"{name}: high (1) vs low (0) first-person statement, plain text; layer, pooling "
+                                 "and threshold chosen on the validation split")
+            probe, _ = train_probe(lm, texts, poolings=POOLINGS, chat=False, splits=statement_splits(name),
+                                   evaluate_on={"heldout_style": trait_statement_set(name, "heldout_style")})
             probe.save(PROBES / name)
-            log(f"probe {name}: layer {probe.layer}, held-out AUROC {probe.metrics['test_auroc']:.3f}")
+            log(f"probe {name}: layer {probe.layer} ({probe.pooling}), AUROC {auroc_line(probe.metrics)}")
     if want("controller"):
         from steering_lab.controller import train_refusal_controller
         from steering_lab.vector import SteeringVector
