@@ -152,3 +152,26 @@ def test_cli(tiny_dir, tmp_path, capsys):
     assert main(["attribution", "--pairs", str(tmp_path / "missing.jsonl"), "--model", str(tiny_dir)]) == 2
     assert main(["attribution", "--preset", "no-such-preset"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_app_callback_and_build(tiny, tmp_path):
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from steering_lab.ui import method_attribution as ui
+
+    ctx = SimpleNamespace(lm=tiny)
+    text, heat, bar, top = ui.run_attribution(ctx, "preset", "sentiment", None, 1, "atp", graddrop=False, k=2)
+    assert len(top) == 2 and f"**{', '.join(map(str, top))}**" in text
+    assert len(bar.data[0].y) == tiny.n_layers and len(heat.data[0].z) == tiny.n_layers
+    with pytest.raises(UserError, match="upload"):
+        ui.run_attribution(ctx, "upload pairs", None, None, 1)
+    with pytest.raises(UserError, match="pairs"):
+        ui.run_attribution(ctx, "preset", "sentiment", None, 99)
+    assert ui.WHERE == "extract" and ui.TITLE == "Attribution patching"
+    with gr.Blocks():
+        layer = gr.Textbox()
+        out = ui.build(ctx, {"layer": layer})
+    assert "summary" in out
+    assert hook_count(tiny.model) == 0
