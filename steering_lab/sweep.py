@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .errors import check
 from .generate import sweep_generate
 from .intervene import OPERATORS, Steer
-from .metrics import distinct_n, is_refusal, nanmean, score_texts
+from .metrics import distinct_n, is_refusal, nanmean, score_prompted, score_texts
 from .model import LoadedModel
 from .vector import SteeringVector, as_directions, atomic_write_bytes, atomic_write_json
 
@@ -56,13 +56,17 @@ def random_like(vector: SteeringVector, layers: Sequence[int], seed: int) -> Ste
 
 def _metrics(lm: LoadedModel, prompts: Sequence[str], vector: SteeringVector, layers: list[int], operator: str,
              strengths: Sequence[float], texts: dict[float, list[str]], batch_rows: int,
-             behaviour: dict[str, Callable[[str], float]]) -> list[dict]:
+             behaviour: dict[str, Callable[[str], float]], effect: Callable | None = None,
+             system: str | None = None) -> list[dict]:
     rows = [(s, i) for s in strengths for i in range(len(prompts))]
     flat_prompts = [prompts[i] for _, i in rows]
     flat_texts = [texts[float(s)][i] for s, i in rows]
-    scores = score_texts(lm, flat_prompts, flat_texts,
-                         Steer(vector, [s for s, _ in rows], layers=layers, operator=operator),
-                         batch_size=max(1, min(batch_rows, 32)))
+    steering = Steer(vector, [s for s, _ in rows], layers=layers, operator=operator)
+    if system is None:
+        scores = score_texts(lm, flat_prompts, flat_texts, steering, batch_size=max(1, min(batch_rows, 32)))
+    else:  # cost against the plain model without the system prompt (metrics.score_prompted)
+        scores = score_prompted(lm, flat_prompts, flat_texts, system, steering, batch_size=max(1, min(batch_rows, 32)))
+    effects = effect(flat_prompts, flat_texts) if effect is not None else None
     out = []
     n = len(prompts)
     for j, s in enumerate(strengths):
@@ -71,6 +75,8 @@ def _metrics(lm: LoadedModel, prompts: Sequence[str], vector: SteeringVector, la
         res = {"strength": float(s), "refusal_rate": refusal, "compliance": 1.0 - refusal,
                "kl": nanmean(scores.kl[j * n:(j + 1) * n]), "perplexity": nanmean(scores.perplexity[j * n:(j + 1) * n]),
                "distinct2": sum(distinct_n(t) for t in samples) / n}
+        if effects is not None:
+            res["effect"] = nanmean(effects[j * n:(j + 1) * n])
         for name, fn in behaviour.items():
             res[name] = sum(fn(t) for t in samples) / n
         res["samples"] = list(samples)
@@ -82,8 +88,14 @@ def run_sweep(lm: LoadedModel, vector: SteeringVector, strengths: Sequence[float
               layers: Sequence[int] | None = None, operator: str = "add", random_baseline: int = 0,
               max_new_tokens: int = 48, batch_rows: int | None = None, progress: bool = False,
               behaviour: dict[str, Callable[[str], float]] | None = None, seed: int = 0,
-              source: dict | None = None) -> dict:
-    """Sweep ``strengths`` over ``prompts``; returns the report (see module docstring)."""
+              source: dict | None = None, effect: Callable | None = None, effect_label: str = "",
+              instruction: str | None = None) -> dict:
+    """Sweep ``strengths`` over ``prompts``; returns the report (see module docstring).
+
+    ``effect(prompts, texts) -> scores``: the vector's own effect measure (``measure.effect``),
+    reported as ``effect`` per strength and used as the chart's behaviour axis. ``instruction``:
+    also sweep with that system prompt (the prompting baseline: its strength-0 row is "prompted",
+    the others "prompted + steered"), its KL taken against the plain unprompted model."""
     check(len(strengths) > 0, "no strengths to sweep")
     check(all(math.isfinite(s) for s in strengths), "strengths must be finite numbers")
     check(len(set(strengths)) == len(strengths), "strengths must not repeat")
@@ -107,21 +119,31 @@ def run_sweep(lm: LoadedModel, vector: SteeringVector, strengths: Sequence[float
         "kl": "mean KL(steered || unsteered) over the generated tokens",
         "perplexity": "perplexity of the generated text under the unsteered model",
     }
+    if effect is not None:
+        report["behaviour_key"] = "effect"
+        report["effect_measure"] = effect_label or "the vector's effect measure"
     if source:
         report.update(source)
     for name, vec in tqdm(runs, desc="sweep", disable=not progress or len(runs) == 1):
         texts = sweep_generate(lm, prompts, vec, strengths, layers=used, operator=operator, batch_rows=batch_rows,
                                max_new_tokens=max_new_tokens, progress=progress)
-        results = _metrics(lm, prompts, vec, used, operator, strengths, texts, batch_rows, behaviour)
+        results = _metrics(lm, prompts, vec, used, operator, strengths, texts, batch_rows, behaviour, effect)
         if name == "vector":
             report["results"] = results
         else:
             report.setdefault("random_baseline", []).append({"seed": seed + int(name.split("-")[1]),
                                                              "results": results})
+    if instruction:
+        check(instruction.strip() != "", "the prompting baseline's instruction is empty")
+        texts = sweep_generate(lm, prompts, vector, strengths, layers=used, operator=operator, batch_rows=batch_rows,
+                               max_new_tokens=max_new_tokens, progress=progress, system=instruction)
+        report["prompted"] = {"instruction": instruction,
+                              "results": _metrics(lm, prompts, vector, used, operator, strengths, texts, batch_rows,
+                                                  behaviour, effect, system=instruction)}
     if random_baseline:
         report["random_baseline_mean"] = [
             {key: nanmean(run["results"][j][key] for run in report["random_baseline"])
-             for key in RESULT_KEYS if key not in ("samples",)}
+             for key in (*RESULT_KEYS, *(("effect",) if effect is not None else ())) if key not in ("samples",)}
             for j in range(len(strengths))]
     return report
 

@@ -141,3 +141,42 @@ def test_cli_calibrate_writes_report_chart_and_calibrated_vector(tiny, tiny_dir,
     assert main(["calibrate", "--vector", str(tmp_path / "nomeasure"), "--prompts", str(prompts), "--model",
                  str(tiny_dir), "--out", str(out)]) == 2
     assert "no effect measure" in capsys.readouterr().err
+
+
+def test_sweep_reports_the_vector_effect_and_the_prompted_series(tiny, vec):
+    from steering_lab.generate import generate
+    from steering_lab.sweep import run_sweep
+    from steering_lab.ui.charts import sweep_figure
+
+    rep = run_sweep(tiny, vec, [0.0, 3.0], PROMPTS, layers=[1], max_new_tokens=5, random_baseline=1,
+                    effect=length_scorer, effect_label="length", instruction="Be brief.")
+    assert rep["behaviour_key"] == "effect" and rep["effect_measure"] == "length"
+    plain = generate(tiny, PROMPTS, max_new_tokens=5)
+    assert rep["results"][0]["effect"] == pytest.approx(sum(len(t) for t in plain) / len(plain))
+    assert rep["results"][0]["kl"] == 0
+    prompted = rep["prompted"]["results"]
+    assert [r["strength"] for r in prompted] == [0.0, 3.0] and prompted[0]["kl"] > 0  # the system prompt costs
+    prompted_texts = generate(tiny, PROMPTS, max_new_tokens=5, system="Be brief.")
+    assert prompted[0]["effect"] == pytest.approx(sum(len(t) for t in prompted_texts) / len(prompted_texts))
+    assert "effect" in rep["random_baseline_mean"][1]
+    names = {t.name for t in sweep_figure(rep).data}
+    assert {"effect (prompted)", "prompted (+ steered)", "effect (random, mean)"} <= names
+    assert hook_count(tiny.model) == 0
+
+
+def test_sweep_tab_table_rows_and_vector_effect(tiny, vec, tmp_path):
+    from steering_lab.sweep import run_sweep
+    from steering_lab.ui.context import make_context
+    from steering_lab.ui.sweep_tab import HEADERS, results_table, vector_effect
+
+    ctx = make_context(tiny, user_dir=tmp_path / "user", shipped_root=tmp_path / "shipped")
+    assert vector_effect(ctx, vec) == (None, "")
+    v = SteeringVector(directions=dict(vec.directions), model=vec.model, recommended_layer=1, recommended_strength=2.0)
+    set_measure(v, EffectMeasure(kind="scorer", name="informality"))
+    scorer, label = vector_effect(ctx, v)
+    assert label == "scorer informality" and len(scorer(PROMPTS[:2], ["hey!!", "Good day."])) == 2
+    rep = run_sweep(tiny, v, [0.0, 2.0], PROMPTS[:2], layers=[1], max_new_tokens=3, effect=scorer,
+                    instruction="Be brief.")
+    rows = results_table(rep)
+    assert [r[0] for r in rows] == ["vector", "vector", "prompted", "prompted + steered"]
+    assert all(len(r) == len(HEADERS) for r in rows) and rows[0][2] is not None

@@ -45,15 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-class _Probes:
-    """Probe lookup by name or path, for effect measures read from a vector's json."""
-
-    def get(self, name: str):
-        from ..probes import Probe
-
-        return Probe.load(common.artifact("probes", name))
-
-
 def run(args: argparse.Namespace) -> int:
     import random
 
@@ -79,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     val, test = [prompts[i] for i in sorted(order[:half])], [prompts[i] for i in sorted(order[half:])]
     lm = common.load_model_from_args(args)
     vec.check_model(lm)
-    scorer = scorer_for(lm, measure, _Probes())
+    scorer = scorer_for(lm, measure, common.ProbeLookup())
     layers = parse_layers(args.layers, lm.n_layers) if args.layers else None
     budget = args.kl_budget
     if budget is not None and budget != "constant":

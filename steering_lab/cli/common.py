@@ -121,3 +121,22 @@ def load_vector(spec: str):
 
     return SteeringVector.load(path)
 
+
+
+class ProbeLookup:
+    """Probes by name or path (shipped, saved, or a file), for effect measures read from a vector's json."""
+
+    def get(self, name: str):
+        from ..probes import Probe
+
+        return Probe.load(artifact("probes", name))
+
+
+def effect_scorer(lm, vec):
+    """``(scorer, label)`` of the vector's own effect measure, or ``(None, "")`` when it has none."""
+    from ..measure.effect import measure_of, scorer_for
+
+    measure = measure_of(vec)
+    if measure is None:
+        return None, ""
+    return scorer_for(lm, measure, ProbeLookup()), measure.label

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=common.positive_int, default=48)
     p.add_argument("--batch-rows", type=common.positive_int, default=None,
                    help="rows per batch (default: as many as ~2 GiB allows)")
+    p.add_argument("--instruction", default=None,
+                   help="also sweep with this system prompt: the prompting baseline (prompted, prompted + steered)")
     common.model_args(p)
     p.add_argument("--out", required=True, help="report path (report.json; the chart goes to report.html)")
     p.set_defaults(run=run)
@@ -52,16 +54,27 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layer, lm.n_layers) if args.layer else None
     source = {"prompt_source": f"preset:{args.preset}" if args.preset else str(args.prompts),
               "vector_path": str(vector)}
+    effect, label = common.effect_scorer(lm, vec)
     report = run_sweep(lm, vec, args.strengths, prompts, layers=layers, operator=args.operator,
                        random_baseline=args.random_baseline, max_new_tokens=args.max_new_tokens,
-                       batch_rows=args.batch_rows, progress=True, source=source)
+                       batch_rows=args.batch_rows, progress=True, source=source, effect=effect, effect_label=label,
+                       instruction=args.instruction)
     path, html = write_report(report, out)
-    print(f"{'strength':>9} {'refusal':>8} {'compliance':>10} {'kl':>7} {'ppl':>7} {'distinct2':>9}")
+    if label:
+        print(f"effect = {label} (the vector's own measure; higher = more of its + direction)")
+
+    def line(prefix: str, r: dict) -> str:
+        eff = f"{r['effect']:>8.3f}" if "effect" in r else f"{'-':>8}"
+        return (f"{prefix}{r['strength']:>9.2f} {eff} {r['refusal_rate']:>8.2f} {r['compliance']:>10.2f} "
+                f"{r['kl']:>7.3f} {r['perplexity']:>7.2f} {r['distinct2']:>9.2f}")
+
+    print(f"{'':9}{'strength':>9} {'effect':>8} {'refusal':>8} {'compliance':>10} {'kl':>7} {'ppl':>7} "
+          f"{'distinct2':>9}")
     for r in report["results"]:
-        print(f"{r['strength']:>9.2f} {r['refusal_rate']:>8.2f} {r['compliance']:>10.2f} {r['kl']:>7.3f} "
-              f"{r['perplexity']:>7.2f} {r['distinct2']:>9.2f}")
+        print(line(" " * 9, r))
+    for r in report.get("prompted", {}).get("results", []):
+        print(line("prompted ", r))
     for r in report.get("random_baseline_mean", []):
-        print(f"  random {r['strength']:>9.2f} {r['refusal_rate']:>8.2f} {r['compliance']:>10.2f} {r['kl']:>7.3f} "
-              f"{r['perplexity']:>7.2f} {r['distinct2']:>9.2f}")
+        print(line("  random ", r))
     print(f"wrote {path} and {html}")
     return 0

@@ -51,10 +51,20 @@ def sweep_figure(report: dict, behaviour: str | None = None) -> go.Figure:
         fig.add_trace(go.Scatter(x=[r["kl"] for r in rand], y=[r.get(behaviour) for r in rand],
                                  mode="lines+markers", name="random (mean)",
                                  line=dict(color=RANDOM_COLOUR, dash="dash")), row=1, col=3)
+    prompted = (report.get("prompted") or {}).get("results")
+    if prompted:  # the prompting baseline: the behaviour asked for in a system prompt (+ the same steering)
+        x, y = _series(prompted, behaviour)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{behaviour} (prompted)",
+                                 line=dict(color="#17becf", dash="dot")), row=1, col=1)
+        fig.add_trace(go.Scatter(x=[r["kl"] for r in prompted], y=y, mode="lines+markers+text",
+                                 text=[f"{r['strength']:g}" for r in prompted], textposition="bottom center",
+                                 name="prompted (+ steered)", line=dict(color="#17becf", dash="dot")), row=1, col=3)
     fig.update_xaxes(title_text="strength", row=1, col=1)
     fig.update_xaxes(title_text="strength", row=1, col=2)
-    fig.update_xaxes(title_text="mean KL(steered || unsteered)", row=1, col=3)
-    fig.update_yaxes(title_text="rate", range=[-0.05, 1.05], row=1, col=1)
+    fig.update_xaxes(title_text="mean KL to the plain unsteered model", row=1, col=3)
+    values = [r.get(behaviour) for r in results + list(rand or []) + list(prompted or [])]
+    rate = all(isinstance(v, (int, float)) and -1e-9 <= v <= 1 + 1e-9 for v in values if v == v)
+    fig.update_yaxes(title_text="rate / score", range=[-0.05, 1.05] if rate else None, row=1, col=1)
     fig.update_yaxes(title_text="KL (nats/token)", row=1, col=2)
     fig.update_yaxes(title_text="perplexity", row=1, col=2, secondary_y=True)
     fig.update_yaxes(title_text=behaviour, row=1, col=3)

@@ -66,12 +66,30 @@ def parse_strengths(text: str) -> list[float]:
     return values
 
 
+HEADERS = ["direction", "strength", "effect", "refusal rate", "compliance", "KL", "perplexity", "distinct-2"]
+
+
 def results_table(report: dict) -> list[list]:
-    rows = [["vector", r["strength"], r["refusal_rate"], r["compliance"], round(r["kl"], 4),
-             round(r["perplexity"], 3), round(r["distinct2"], 3)] for r in report["results"]]
-    rows += [["random (mean)", r["strength"], r["refusal_rate"], r["compliance"], round(r["kl"], 4),
-              round(r["perplexity"], 3), round(r["distinct2"], 3)] for r in report.get("random_baseline_mean", [])]
+    def row(name: str, r: dict) -> list:
+        eff = r.get("effect")
+        return [name, r["strength"], None if eff is None else round(eff, 4), r["refusal_rate"], r["compliance"],
+                round(r["kl"], 4), round(r["perplexity"], 3), round(r["distinct2"], 3)]
+
+    rows = [row("vector", r) for r in report["results"]]
+    rows += [row("prompted" if r["strength"] == 0 else "prompted + steered", r)
+             for r in (report.get("prompted") or {}).get("results", [])]
+    rows += [row("random (mean)", r) for r in report.get("random_baseline_mean", [])]
     return rows
+
+
+def vector_effect(ctx: AppContext, vec):
+    """``(scorer, label)`` of the vector's own effect measure, read with the app's probe library."""
+    from ..measure.effect import measure_of, scorer_for
+
+    measure = measure_of(vec)
+    if measure is None:
+        return None, ""
+    return scorer_for(ctx.lm, measure, ctx.probes), measure.label
 
 
 def build(ctx: AppContext, steer: dict) -> dict:
@@ -90,16 +108,20 @@ def build(ctx: AppContext, steer: dict) -> dict:
         limit = gr.Slider(1, 105, value=12, step=1, label="Number of prompts")
         random_k = gr.Slider(0, 3, value=1, step=1, label="Random-direction controls (K)")
         max_tokens = gr.Slider(8, 128, value=32, step=8, label="Max new tokens")
+    with gr.Row():
+        prompting = gr.Checkbox(False, label="Prompting baseline: also ask for the behaviour in a system prompt")
+        instruction = gr.Textbox(label="Instruction (system prompt; empty = from the vector's labels)", lines=1)
     run = gr.Button("Run sweep", variant="primary")
-    chart = gr.Plot(label="Behaviour vs coherence cost")
-    table = gr.Dataframe(headers=["direction", "strength", "refusal rate", "compliance", "KL", "perplexity",
-                                  "distinct-2"], label="Results", interactive=False)
+    effect_note = gr.Markdown()
+    chart = gr.Plot(label="Effect vs coherence cost")
+    table = gr.Dataframe(headers=HEADERS, label="Results", interactive=False)
     samples = gr.JSON(label="Samples (per strength, in prompt order)")
     files = gr.File(label="Report (json + html chart)", file_count="multiple")
 
     @gpu
     @user_errors
-    def on_run(name, strengths_text, op, lay, pset, custom_text, n, k, tokens, progress=gr.Progress(track_tqdm=True)):
+    def on_run(name, strengths_text, op, lay, pset, custom_text, n, k, tokens, ask, instr,
+               progress=gr.Progress(track_tqdm=True)):
         check(bool(name), "choose a vector")
         values = parse_strengths(strengths_text)
         if pset == "custom":
@@ -110,17 +132,31 @@ def build(ctx: AppContext, steer: dict) -> dict:
         prompts = prompts[: int(n)]
         vec = ctx.vectors.get(name)
         layers = None if lay in (None, "", "recommended") else [int(lay)]
+        effect, label = vector_effect(ctx, vec)
+        instruction_text = None
+        if ask:
+            from ..measure.calibrate import default_instruction
+
+            instruction_text = (instr or "").strip() or default_instruction(vec)
         progress(0, desc="generating all strengths as one batch")
         report = run_sweep(ctx.lm, vec, values, prompts, layers=layers, operator=op, random_baseline=int(k),
-                           max_new_tokens=int(tokens), progress=True,
-                           source={"prompt_source": pset, "vector_name": name})
+                           max_new_tokens=int(tokens), progress=True, effect=effect, effect_label=label,
+                           instruction=instruction_text, source={"prompt_source": pset, "vector_name": name})
         out = reports.new() / f"sweep_{name}.json"
         path, html = write_report(report, out)
         sample_view = {f"{r['strength']:g}": r["samples"] for r in report["results"]}
-        return sweep_figure(report), results_table(report), json.loads(json.dumps(sample_view)), [str(path),
-                                                                                                   str(html)]
+        for r in (report.get("prompted") or {}).get("results", []):
+            sample_view[f"prompted {r['strength']:g}"] = r["samples"]
+        note = (f"**effect** = {label}: the vector's own measure (higher = more of its + direction); refusal is "
+                "one of the cost columns." if label else
+                "This vector has no effect measure of its own: the chart shows the refusal rate.")
+        if instruction_text:
+            note += f" Prompting baseline instruction: *{instruction_text}*"
+        return (note, sweep_figure(report), results_table(report), json.loads(json.dumps(sample_view)),
+                [str(path), str(html)])
 
-    run.click(on_run, [vector, strengths, operator, layer, prompt_set, custom, limit, random_k, max_tokens],
-              [chart, table, samples, files], concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+    run.click(on_run, [vector, strengths, operator, layer, prompt_set, custom, limit, random_k, max_tokens,
+                       prompting, instruction],
+              [effect_note, chart, table, samples, files], concurrency_id=MODEL_QUEUE, concurrency_limit=1,
               api_visibility="private")
     return {"vector": vector, "reports": reports}
