@@ -190,7 +190,8 @@ def main() -> None:
             texts = trait_statement_set(name)
             texts.description = (f"{name}: high (1) vs low (0) first-person statement, plain text; layer, pooling "
                                  "and threshold chosen on the validation split")
-            probe, _ = train_probe(lm, texts, poolings=POOLINGS, chat=False, splits=statement_splits(name),
+            probe, _ = train_probe(lm, texts, poolings=POOLINGS, C=[0.003, 0.03, 0.3], chat=False,
+                                   splits=statement_splits(name),
                                    evaluate_on={"heldout_style": trait_statement_set(name, "heldout_style")})
             probe.save(PROBES / name)
             log(f"probe {name}: layer {probe.layer} ({probe.pooling}), AUROC {auroc_line(probe.metrics)}")

@@ -149,6 +149,7 @@ class ProbeLayerScore:
     auroc: float      # on the selection (validation) split
     accuracy: float   # on the selection split, at the default threshold (score 0.5)
     pooling: str = ""
+    C: float = 1.0
 
 
 def _pooled(lm: LoadedModel, texts: Sequence[str], pooling: str, layers, chat: bool, batch_size: int,
@@ -212,7 +213,7 @@ def _threshold(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> float:
 def train_probe(lm: LoadedModel, contrast: ContrastSet, *, pooling: str = "last",
                 poolings: Sequence[str] | None = None, layer: int | None = None,
                 layers: Sequence[int] | None = None, splits: tuple[Split, Split, Split] | None = None,
-                val: float = 0.2, test: float = 0.2, seed: int = 0, C: float = 1.0, chat: bool = True,
+                val: float = 0.2, test: float = 0.2, seed: int = 0, C: float | Sequence[float] = 1.0, chat: bool = True,
                 batch_size: int = 16, progress: bool = False, fit_threshold: bool = True,
                 evaluate_on: dict[str, ContrastSet] | None = None) -> tuple[Probe, list[ProbeLayerScore]]:
     """Fit a probe at every (layer, pooling) on the train split, pick the one with the best AUROC
@@ -223,7 +224,8 @@ def train_probe(lm: LoadedModel, contrast: ContrastSet, *, pooling: str = "last"
     The texts of ``contrast`` are classified as prompts (chat-formatted when ``chat``).
     ``splits`` = (train, val, test) index pairs; by default a seeded split with fractions ``val``
     and ``test`` (:func:`three_way_splits`). ``poolings`` (default: just ``pooling``) are swept
-    along with the layers. The threshold is folded into the bias: score > 0.5 is the decision.
+    along with the layers, and so are the inverse regularisation strengths when ``C`` is a list.
+    The threshold is folded into the bias: score > 0.5 is the decision.
     ``probe.metrics`` names the split of every number (``val``, ``test``, ``selected_on``).
     """
     check(contrast.prompts is None, "probes classify texts: give a contrast set without a 'prompt' field")
@@ -233,6 +235,8 @@ def train_probe(lm: LoadedModel, contrast: ContrastSet, *, pooling: str = "last"
     for name, part in (("train", train), ("validation", select), ("test", test_split)):
         check(bool(part[0]) and bool(part[1]), f"the {name} split needs examples of both classes")
     pools = list(dict.fromkeys(poolings)) if poolings else [pooling]
+    cs = [float(C)] if isinstance(C, (int, float)) else sorted({float(c) for c in C})
+    check(bool(cs) and all(c > 0 for c in cs), "C must be positive")
     wanted = [layer] if layer is not None else (list(layers) if layers is not None else list(range(lm.n_layers)))
     for k in wanted:
         check(0 <= k < lm.n_layers, f"layer {k} out of range: the model has {lm.n_layers} blocks")
@@ -250,13 +254,15 @@ def train_probe(lm: LoadedModel, contrast: ContrastSet, *, pooling: str = "last"
     for pool in pools:
         pos, neg = acts[pool]
         for j, k in enumerate(wanted):
-            w, mu, sd, b = fit_probe(pos[train[0], j], neg[train[1], j], C)
-            probe = Probe(layer=k, pooling=pool, weight=w, mean=mu, scale=sd, bias=b)
-            m = evaluate(probe, pos[select[0], j], neg[select[1], j])
-            rows.append(ProbeLayerScore(layer=k, auroc=m["auroc"], accuracy=m["accuracy"], pooling=pool))
-            fitted[(pool, k)] = (probe, j)
-    best = max(rows, key=lambda r: (r.auroc, r.accuracy, -r.layer, -pools.index(r.pooling)))
-    probe, j = fitted[(best.pooling, best.layer)]
+            for c in cs:
+                w, mu, sd, b = fit_probe(pos[train[0], j], neg[train[1], j], c)
+                probe = Probe(layer=k, pooling=pool, weight=w, mean=mu, scale=sd, bias=b)
+                m = evaluate(probe, pos[select[0], j], neg[select[1], j])
+                rows.append(ProbeLayerScore(layer=k, auroc=m["auroc"], accuracy=m["accuracy"], pooling=pool, C=c))
+                fitted[(pool, k, c)] = (probe, j)
+    # ties: higher accuracy, shallower layer, earlier pooling, stronger regularisation
+    best = max(rows, key=lambda r: (r.auroc, r.accuracy, -r.layer, -pools.index(r.pooling), -r.C))
+    probe, j = fitted[(best.pooling, best.layer, best.C)]
     pos, neg = acts[best.pooling]
     threshold = 0.0
     if fit_threshold:
@@ -269,7 +275,7 @@ def train_probe(lm: LoadedModel, contrast: ContrastSet, *, pooling: str = "last"
     selection_is_test = select == test_split
     probe.metrics = {"val": val_m, "test": test_m, "selected_on": "val", "reported_on": "test",
                      "selection_is_test": selection_is_test,
-                     "selected": {"layer": best.layer, "pooling": best.pooling,
+                     "selected": {"layer": best.layer, "pooling": best.pooling, "C": best.C,
                                   "threshold_logit": threshold, "threshold_folded_into_bias": fit_threshold},
                      # flat keys kept for older readers; same numbers as val/test above
                      "test_auroc": test_m["auroc"], "test_accuracy": test_m["accuracy"],
