@@ -217,7 +217,7 @@ def test_function_vector_end_to_end_on_tiny(tiny, tmp_path):
     vec = F.function_vector(tiny, PAIRS, shots=3, n_heads=3, n_clean=6, n_corrupt=4, strengths=(1.0, 2.0),
                             progress=lambda f, text: calls.append(f))
     assert vec.method == "function_vector" and vec.dataset == "custom"
-    assert vec.layers == list(range(tiny.n_layers)) and vec.recommended_layer in vec.layers
+    assert vec.layers == list(range(0, tiny.n_layers, 2)) and vec.recommended_layer in vec.layers
     assert vec.recommended_strength in (1.0, 2.0)
     assert vec.extra["selection_split"] == "valid" and len(vec.extra["heads"]) == 3
     assert all(torch.equal(vec[k], vec[0]) for k in vec.layers)  # one residual-stream vector at every layer
@@ -227,8 +227,14 @@ def test_function_vector_end_to_end_on_tiny(tiny, tmp_path):
     chosen = F.top_heads(stats.aie, 3)
     assert [list(h) for h in chosen] == vec.extra["heads"]
     torch.testing.assert_close(vec[0], F.head_contributions(tiny, stats.means, chosen).sum(0), rtol=0, atol=1e-6)
-    again = F.function_vector(tiny, PAIRS, shots=3, n_heads=3, stats=stats, strengths=(1.0, 2.0))
-    assert torch.equal(again[0], vec[0])
+    again = F.function_vector(tiny, PAIRS, shots=3, n_heads=3, stats=stats, strengths=(1.0, 2.0), layers=[1, 3],
+                              select_on="shuffled")
+    assert torch.equal(again[1], vec[0]) and again.layers == [1, 3] and again.extra["selection_prompts"] == "shuffled"
+    sw = F.sweep(tiny, F.load_task(PAIRS), vec[0], layers=[again.recommended_layer],
+                 strengths=(again.recommended_strength,), select_on="shuffled", shots=3)
+    assert sw.accuracy == again.extra["valid_accuracy"]  # the recorded number is reproducible
+    with pytest.raises(UserError, match="select_on"):
+        F.function_vector(tiny, PAIRS, stats=stats, select_on="icl")
     path = vec.save(tmp_path / "fv")
     back = SteeringVector.load(path, tiny)
     assert back.method == "function_vector" and back.extra["heads"] == vec.extra["heads"]

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 TASK_DIR = Path(__file__).resolve().parents[1] / "data" / "fv_tasks"
 SPLITS = ("train", "valid", "test")
 SCOPES = ("last", "all")
+SELECT_ON = ("zero_shot", "shuffled")  # validation prompts the layer and strength are chosen on
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 
 Pair = tuple[str, str]
@@ -422,14 +423,15 @@ def _score(lm: LoadedModel, prompts: Sequence[Prompt], logp: torch.Tensor) -> Ev
 
 def evaluate(lm: LoadedModel, task: str | Path | Task | Sequence[Pair], vector: SteeringVector | None = None, *,
              shots: int = 0, split: str = "test", layer: int | None = None, strength: float | None = None,
-             scope: str = "last", seed: int = 0, batch_size: int = 32) -> EvalResult:
+             scope: str = "last", seed: int = 0, shuffle_labels: bool = False, batch_size: int = 32) -> EvalResult:
     """First-token accuracy on the ``split`` pairs (each query once): zero-shot ``"x:"`` prompts, or
-    ``shots``-shot prompts with demonstrations from ``train``; optionally with a function vector."""
+    ``shots``-shot prompts with demonstrations from ``train`` (their labels shuffled among them with
+    ``shuffle_labels``: the paper's corrupted prompts); optionally with a function vector."""
     t = load_task(task)
     splits = split_task(t, seed)
     pairs = splits.get(split)
     check(len(pairs) > 0, f"split {split!r} of task {t.name!r} is empty")
-    prompts = build_prompts(splits.train, 0, shots, seed=seed + 1, queries=pairs)
+    prompts = build_prompts(splits.train, 0, shots, seed=seed + 1, queries=pairs, shuffle_labels=shuffle_labels)
     logp = first_token_logits(lm, [p.text for p in prompts], vector, layer=layer, strength=strength, scope=scope,
                               batch_size=batch_size)
     return _score(lm, prompts, logp)
@@ -485,21 +487,25 @@ class Sweep:
 
 def sweep(lm: LoadedModel, task: Task, fv: torch.Tensor, *, layers: Sequence[int] | None = None,
           strengths: Sequence[float] = (0.5, 1.0, 2.0, 4.0), scope: str = "last", seed: int = 0,
-          split: str = "valid") -> Sweep:
-    """Choose the layer (at strength 1) and then the strength by zero-shot accuracy on ``split`` (ties:
-    higher mean probability of the answer, then the earlier layer / the strength nearest 1)."""
-    layers = list(range(lm.n_layers)) if layers is None else [int(k) for k in layers]
+          split: str = "valid", select_on: str = "zero_shot", shots: int = 10) -> Sweep:
+    """Choose the layer (at strength 1) and then the strength by accuracy on ``split`` (ties: higher mean
+    probability of the answer, then the earlier layer / the strength nearest 1), on zero-shot prompts
+    (``select_on="zero_shot"``) or on ``shots``-shot prompts with shuffled labels (``"shuffled"``).
+    Default layers: every second one."""
+    check(select_on in SELECT_ON, f"unknown select_on {select_on!r} (choose {', '.join(SELECT_ON)})")
+    kw = dict(shots=shots, shuffle_labels=True) if select_on == "shuffled" else {}
+    layers = list(range(0, lm.n_layers, 2)) if layers is None else [int(k) for k in layers]
     check(len(layers) > 0 and all(0 <= k < lm.n_layers for k in layers), f"layers must lie in 0-{lm.n_layers - 1}")
     check(len(strengths) > 0, "no strengths to try")
     vec = SteeringVector({k: fv for k in layers})
     by_layer: dict[int, EvalResult] = {}
     for k in layers:
-        by_layer[k] = evaluate(lm, task, vec, split=split, layer=k, strength=1.0, scope=scope, seed=seed)
+        by_layer[k] = evaluate(lm, task, vec, split=split, layer=k, strength=1.0, scope=scope, seed=seed, **kw)
     best = max(layers, key=lambda k: (by_layer[k].accuracy, by_layer[k].mean_prob, -k))
     by_strength: dict[float, EvalResult] = {}
     for s in strengths:
         by_strength[float(s)] = evaluate(lm, task, vec, split=split, layer=best, strength=float(s), scope=scope,
-                                         seed=seed)
+                                         seed=seed, **kw)
     s_best = max(by_strength, key=lambda s: (by_strength[s].accuracy, by_strength[s].mean_prob, -abs(s - 1)))
     return Sweep({k: r.accuracy for k, r in by_layer.items()}, {s: r.accuracy for s, r in by_strength.items()},
                  best, s_best, by_strength[s_best].accuracy)
@@ -508,13 +514,16 @@ def sweep(lm: LoadedModel, task: Task, fv: torch.Tensor, *, layers: Sequence[int
 def function_vector(lm: LoadedModel, task: str | Path | Task | Sequence[Pair], *, shots: int = 10,
                     n_heads: int | None = None, n_clean: int = 32, n_corrupt: int = 16, seed: int = 0,
                     layers: Sequence[int] | None = None, strengths: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
-                    scope: str = "last", stats: HeadStats | None = None, batch_size: int = 8,
+                    scope: str = "last", select_on: str = "zero_shot", stats: HeadStats | None = None,
+                    batch_size: int = 8,
                     progress: Progress | None = None, tqdm_bar: bool = False) -> SteeringVector:
     """The function vector of ``task``: the sum of the top ``n_heads`` heads' (by AIE) mean outputs through
     ``W_O``, stored at every layer of the sweep (the same vector: it lives in the residual stream), with
-    the layer and strength chosen on the validation split. Pass ``stats`` to reuse a measurement."""
+    the layer and strength chosen on the validation split (zero-shot prompts, or with ``select_on="shuffled"``
+    ``shots``-shot prompts with shuffled labels). Pass ``stats`` to reuse a measurement."""
     t = load_task(task)
     check(scope in SCOPES, f"unknown scope {scope!r} (choose {', '.join(SCOPES)})")
+    check(select_on in SELECT_ON, f"unknown select_on {select_on!r} (choose {', '.join(SELECT_ON)})")
     n_heads = default_top_heads(lm) if n_heads is None else int(n_heads)
     if stats is None:
         def part(f: float, text: str) -> None:
@@ -527,7 +536,8 @@ def function_vector(lm: LoadedModel, task: str | Path | Task | Sequence[Pair], *
     fv = head_contributions(lm, stats.means, chosen).sum(0)
     if progress is not None:
         progress(0.9, "choosing layer and strength on the validation split")
-    sw = sweep(lm, t, fv, layers=layers, strengths=strengths, scope=scope, seed=seed)
+    sw = sweep(lm, t, fv, layers=layers, strengths=strengths, scope=scope, seed=seed, select_on=select_on,
+               shots=stats.shots)
     if progress is not None:
         progress(1.0, "done")
     return SteeringVector(
@@ -535,10 +545,11 @@ def function_vector(lm: LoadedModel, task: str | Path | Task | Sequence[Pair], *
         dataset=t.name, recommended_layer=sw.layer, recommended_strength=sw.strength,
         description=f"function vector of task {t.name!r}: sum of the top {n_heads} heads by AIE "
                     f"({stats.shots}-shot, {stats.n_corrupt} corrupted prompts); layer {sw.layer} and strength "
-                    f"{sw.strength:g} chosen on the validation split",
+                    f"{sw.strength:g} chosen on the validation split ({select_on.replace('_', '-')} prompts)",
         extra={"heads": [list(h) for h in chosen], "head_aie": [round(float(stats.aie[k, h]), 6) for k, h in chosen],
                "shots": stats.shots, "seed": seed, "n_clean": stats.n_clean, "n_corrupt": stats.n_corrupt,
-               "scope": scope, "selection_split": "valid", "valid_accuracy": sw.accuracy,
+               "scope": scope, "selection_split": "valid", "selection_prompts": select_on,
+               "valid_accuracy": sw.accuracy,
                "valid_accuracy_by_layer": {str(k): v for k, v in sw.layers.items()},
                "valid_accuracy_by_strength": {str(s): v for s, v in sw.strengths.items()},
                "split_fractions": [0.4, 0.2, 0.4]})
