@@ -1,0 +1,72 @@
+"""Each shipped vector's stated effect, re-measured by its own effect measure on prompts no vector was
+extracted or calibrated on (data/heldout/effect_prompts.txt), at its recommended layer and strength.
+
+Margins: probe measures are probabilities (0..1) averaged over 12 prompts; a real effect moves the mean
+by far more than the 0.15 asked here, and the sign of the move is what the vector's json claims.
+"""
+
+import pytest
+
+from steering_lab.datasets import _data_text, _lines
+from steering_lab.generate import generate
+from steering_lab.intervene import Steer, hook_count
+from steering_lab.measure.effect import measure_of, scorer_for
+from steering_lab.probes import Probe
+from steering_lab.resources import names, resolve
+from steering_lab.vector import SteeringVector
+
+pytestmark = pytest.mark.real
+TOKENS = 24
+
+
+class Probes:
+    def get(self, name):
+        return Probe.load(resolve("probes", name))
+
+
+def shipped_with_measure():
+    out = []
+    for name in names("vectors", user=False):
+        vec = SteeringVector.load(resolve("vectors", name))
+        if measure_of(vec) is not None:
+            out.append(name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return _lines(_data_text("heldout/effect_prompts.txt"))
+
+
+@pytest.fixture(scope="module")
+def unsteered(smol, prompts):
+    return generate(smol, prompts, max_new_tokens=TOKENS)
+
+
+def test_every_steering_vector_states_an_effect_measure():
+    have = set(shipped_with_measure())
+    assert {"sentiment", "formality", "refusal_style", "harmful"} <= have
+
+
+@pytest.mark.parametrize("name", shipped_with_measure())
+def test_the_stated_effect_holds_on_held_out_prompts(smol, prompts, unsteered, name):
+    vec = SteeringVector.load(resolve("vectors", name))
+    measure = measure_of(vec)
+    score = scorer_for(smol, measure, Probes())
+    k, s = vec.recommended_layer, abs(vec.recommended_strength)
+    texts = {0.0: unsteered}
+    for sign in (1, -1):
+        texts[sign * s] = generate(smol, prompts, Steer(vec, sign * s, layers=[k]), max_new_tokens=TOKENS)
+    mean = {st: sum(score(prompts, t)) / len(t) for st, t in texts.items()}
+    seen = f"{name}: effect at -s/0/+s = {mean[-s]:.3f} / {mean[0.0]:.3f} / {mean[s]:.3f}"
+    print(seen)
+    if measure.kind == "refusal":
+        if "4% at" in vec.extra.get("effect", ""):  # the json says adding it does not produce refusals
+            assert mean[s] <= 0.25, seen
+        else:
+            assert mean[0.0] <= 0.25 and mean[s] >= 0.75, seen
+    else:
+        assert mean[s] - mean[-s] >= 0.3, seen
+        assert mean[s] >= mean[0.0] - 0.05 and mean[-s] <= mean[0.0] + 0.05, seen
+        assert max(mean[s] - mean[0.0], mean[0.0] - mean[-s]) >= 0.15, seen
+    assert hook_count(smol.model) == 0
