@@ -37,6 +37,17 @@ class ProbeMonitor(Monitor):
 
 
 @dataclass
+class ProbeLogitMonitor(Monitor):
+    """A probe's logit per token: linear in the activations, so the mean of the per-token logits is
+    the logit of the mean-pooled text (what a mean-pooling probe scores)."""
+
+    probe: Probe = None
+
+    def read(self, h: torch.Tensor) -> torch.Tensor:
+        return self.probe.logit(h)
+
+
+@dataclass
 class DirectionMonitor(Monitor):
     direction: torch.Tensor = None
 

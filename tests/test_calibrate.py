@@ -180,3 +180,35 @@ def test_sweep_tab_table_rows_and_vector_effect(tiny, vec, tmp_path):
     rows = results_table(rep)
     assert [r[0] for r in rows] == ["vector", "vector", "prompted", "prompted + steered"]
     assert all(len(r) == len(HEADERS) for r in rows) and rows[0][2] is not None
+
+
+def test_steer_tab_effect_monitor_slider_info_warning_and_prompting(tiny, vec, tmp_path):
+    from steering_lab.datasets import ContrastSet
+    from steering_lab.measure.effect import train_effect_probe
+    from steering_lab.ui.context import make_context
+    from steering_lab.ui.steer_tab import build_steering, degeneration_warning, run_stream, slider_info
+
+    shipped = tmp_path / "shipped"
+    contrast = ContrastSet(name="toy", positive=[f"good happy day number {i}" for i in range(8)],
+                           negative=[f"bad sad night number {i}" for i in range(8)], labels=("happy", "sad"))
+    probe, measure = train_effect_probe(tiny, contrast, "toy")
+    probe.save(shipped / "probes" / "toy")
+    v = SteeringVector(directions=dict(vec.directions), model=vec.model, recommended_layer=1, recommended_strength=2.0)
+    set_measure(v, measure)
+    assert "constant rule" in slider_info(v, "add") and slider_info(v, "ablate") == ""
+    v.extra["calibration"] = {"chosen": {"layer": 1, "strength": 2.0}, "fluent_range": [0.0, 3.0]}
+    assert "fluent between 0 and 3" in slider_info(v, "add")
+    v.save(shipped / "vectors" / "toyvec")
+    ctx = make_context(tiny, user_dir=tmp_path / "user", shipped_root=shipped)
+    _, monitors = build_steering(ctx, ["toyvec"], [2.0], "add", "recommended", "separate")
+    assert any(m.name == "effect:toyvec" for m in monitors)
+    run = ctx.new_run("s")
+    outs = list(run_stream(ctx, "s", run, "How was your weekend?", "", ["toyvec"], [2.0, 0, 0], "add",
+                           "recommended", "separate", 5, "none", [], None, prompting="Answer happily."))
+    table = outs[-1][2]
+    assert "toyvec effect (its own measure)" in table and "prompting baseline" in table
+    assert "Answer happily." in table and "KL to the plain model" in table
+    assert degeneration_warning("the cat the cat the cat the cat the cat the cat the cat the cat", None, 20)
+    assert degeneration_warning("a quick brown fox jumps over the lazy dog near the river bank today", None, 20) is None
+    assert degeneration_warning("the cat the cat", None, 4) is None  # too short to judge
+    assert hook_count(tiny.model) == 0

@@ -8,12 +8,14 @@ the stream runs with ``trigger_mode="always_last"`` so a release during a stream
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
+from html import escape as html_escape
 
 import gradio as gr
 
-from ..errors import check
+from ..errors import UserError, check
 from ..intervene import OPERATORS, Steer
 from ..live import live_stream
 from ..monitor import DirectionMonitor, probe_monitor
@@ -31,10 +33,41 @@ def slider_spec(recommended: float | None, operator: str) -> dict:
         return dict(minimum=0.0, maximum=1.0, step=0.05, value=1.0)
     if operator == "rotate":
         return dict(minimum=-90.0, maximum=90.0, step=1.0, value=30.0)
+    if operator == "transport":  # Linear-AcT lambda: 0 = unsteered, 1 = full transport
+        return dict(minimum=0.0, maximum=1.0, step=0.05, value=1.0)
     r = abs(float(recommended)) if recommended else 10.0
     span = round(max(3 * r, 10.0), 0)
     value = 0.0 if operator == "clamp" else round(r, 1)
     return dict(minimum=-span, maximum=span, step=0.5, value=value)
+
+
+def slider_info(vec, operator: str) -> str:
+    """What the slider should know: the recommended strength and how it was found, and the range
+    where the calibration measured fluent text."""
+    if operator != "add" or vec.recommended_strength is None:
+        return ""
+    cal = vec.extra.get("calibration")
+    if isinstance(cal, dict) and isinstance(cal.get("chosen"), dict) and cal.get("fluent_range"):
+        lo, hi = cal["fluent_range"][:2]
+        return (f"calibrated: {vec.recommended_strength:g} at layer {vec.recommended_layer} · fluent between "
+                f"{lo:g} and {hi:g} (measured on validation prompts)")
+    return f"recommended: ±{abs(vec.recommended_strength):g} at layer {vec.recommended_layer} (constant rule, " \
+           "not calibrated)"
+
+
+def degeneration_warning(text: str, baseline: str | None, n_tokens: int) -> str | None:
+    """A warning when the steered text degenerates (repeats itself): distinct-2 under 0.5, or under
+    60% of the baseline's, once there are 16 tokens to judge."""
+    from ..metrics import distinct_n
+
+    if n_tokens < 16:
+        return None
+    d2 = distinct_n(text)
+    ref = distinct_n(baseline) if baseline and len(baseline.split()) >= 8 else None
+    if d2 < 0.5 or (ref is not None and d2 < 0.6 * ref):
+        base = f" (baseline {ref:.2f})" if ref is not None else ""
+        return f"⚠ the steered text repeats itself: distinct-2 {d2:.2f}{base}; lower the strength"
+    return None
 
 
 def build_steering(ctx: AppContext, names: Sequence[str], strengths: Sequence[float], operator: str,
@@ -56,6 +89,7 @@ def build_steering(ctx: AppContext, names: Sequence[str], strengths: Sequence[fl
         if cal:
             monitors.append(DirectionMonitor(name=f"trait:{name}", layer=int(cal["layer"]),
                                              direction=vec[cal["layer"]]))
+        monitors.extend(effect_monitors(ctx, name, vec))
     if items:
         name, vec, _, layers = items[0]
         monitors.insert(0, DirectionMonitor(name=f"projection on {name} (layer {layers[0]})", layer=layers[0],
@@ -126,10 +160,39 @@ def dynamic_run(ctx: AppContext, session: str, run: int, prompt: str, system: st
            {"key": key, "text": baseline, "monitors": {}})
 
 
+def effect_monitors(ctx: AppContext, name: str, vec) -> list:
+    """The vector's own effect measure as a live monitor, when it is a probe (read on the shadow row:
+    the unsteered model reading the steered text, as the offline measure reads generated text)."""
+    from ..measure.effect import measure_of
+    from ..monitor import ProbeLogitMonitor
+
+    measure = measure_of(vec)
+    if measure is None or measure.kind != "probe":
+        return []
+    try:
+        probe = ctx.probes.get(measure.name)
+        probe.check_model(ctx.lm)
+    except UserError:
+        return []
+    return [ProbeLogitMonitor(name=f"effect:{name}", layer=probe.layer, probe=probe)]
+
+
+def _effect_value(logits: Sequence[float], sign: int = 1) -> float | None:
+    if not logits:
+        return None
+    p = 1.0 / (1.0 + math.exp(-sum(logits) / len(logits)))
+    return p if sign > 0 else 1.0 - p
+
+
 def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str, names: Sequence[str],
                strengths: Sequence[float], operator: str, layer_choice: str, compose_mode: str, max_tokens: int,
-               controller: str, probe_names: Sequence[str], cached: dict | None, tau: float = 0.5) -> Iterator[tuple]:
-    """Yield (baseline, steered, metrics, strip, chart, baseline_record) until done or superseded."""
+               controller: str, probe_names: Sequence[str], cached: dict | None, tau: float = 0.5,
+               prompting: str | None = None) -> Iterator[tuple]:
+    """Yield (baseline, steered, metrics, strip, chart, baseline_record) until done or superseded.
+
+    ``prompting``: an instruction; when the stream is done, the same prompt is also answered with it
+    as the system prompt and no steering (the prompting baseline), shown under the numbers with the
+    first vector's own effect measure."""
     check((prompt or "").strip() != "", "type a prompt first")
     max_tokens = int(max_tokens)
     system = system.strip() or None if system else None
@@ -178,6 +241,9 @@ def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str
                 s_vals, b_vals = last.monitors[m.name], base_mons.get(m.name, [])
                 probes[f"{m.name} (mean per token)"] = (sum(s_vals) / len(s_vals) if s_vals else None,
                                                         sum(b_vals) / len(b_vals) if b_vals else None)
+            elif m.name.startswith("effect:"):
+                probes[f"{m.name[len('effect:'):]} effect (its own measure)"] = (
+                    _effect_value(last.shadow_monitors[m.name]), _effect_value(base_mons.get(m.name, [])))
             elif m.name.startswith("trait:"):
                 trait = m.name[len("trait:"):]
                 probes[f"{trait} trait score"] = (_trait_score(ctx, trait, last.shadow_monitors[m.name]),
@@ -185,16 +251,49 @@ def run_stream(ctx: AppContext, session: str, run: int, prompt: str, system: str
         table = metrics_markdown(kl=last.mean_kl, perplexity=last.perplexity, refusal=last.refusal, n_tokens=n,
                                  tok_per_s=n / elapsed if elapsed > 0 else None, probes=probes, done=last.done,
                                  run=run)
+        warning = degeneration_warning(last.steered, baseline, n)
+        if warning:
+            table = f"**{warning}**\n\n" + table
         if controller_note:
             table = controller_note + "\n\n" + table
         strip_values = last.monitors[monitors[0].name] if monitors else [0.0] * n
         strip = token_strip(last.steered_tokens, strip_values, monitors[0].name if monitors else "")
         chart = gr.skip()
         if last.done:  # plotly JSON is the heaviest output: draw once, at the end
-            series = {f"steered · {k}": v for k, v in last.monitors.items() if not k.startswith("trait:")}
+            series = {f"steered · {k}": v for k, v in last.monitors.items()
+                      if not k.startswith(("trait:", "effect:"))}
             chart = monitor_figure(series)
         record = {"key": key, "text": baseline, "monitors": base_mons} if last.done else gr.skip()
+        if last.done and prompting and prompting.strip():
+            table += "\n\n" + prompted_markdown(ctx, prompt, prompting.strip(), names, max_tokens, tag=session)
         yield baseline, last.steered, table, strip, chart, record
+
+
+def prompted_markdown(ctx: AppContext, prompt: str, instruction: str, names: Sequence[str], max_tokens: int,
+                      tag=None) -> str:
+    """The prompting baseline for the Steer tab: the behaviour asked for in a system prompt instead
+    of steered in, with the first vector's effect measure and its KL to the plain model."""
+    from ..generate import final, stream
+    from ..measure.effect import measure_of, scorer_for
+    from ..metrics import score_prompted
+
+    # tagged with the session: Stop, a new run or a closed tab cancels it like the main stream
+    text = final(stream(ctx.lm, [prompt], max_new_tokens=max_tokens, system=instruction, tag=tag)).texts[0]
+    cost = score_prompted(ctx.lm, [prompt], [text], instruction)
+    lines = ["**prompting baseline** (no steering; system prompt: *" + html_escape(instruction) + "*)", "",
+             "> " + html_escape(text).replace("\n", "\n> "), "",
+             f"KL to the plain model {cost.kl[0]:.3f} · perplexity {cost.perplexity[0]:.2f}"]
+    names = [n for n in (names or []) if n]
+    if names:
+        vec = ctx.vectors.get(names[0])
+        measure = measure_of(vec)
+        if measure is not None:
+            try:
+                value = scorer_for(ctx.lm, measure, ctx.probes)([prompt], [text])[0]
+                lines[-1] += f" · {names[0]} effect ({measure.label}) {value:.3f}"
+            except UserError:
+                pass
+    return "\n".join(lines)
 
 
 def build(ctx: AppContext) -> dict:
@@ -216,8 +315,9 @@ def build(ctx: AppContext) -> dict:
         for i in range(MAX_VECTORS):
             rec = ctx.vectors.get(default[i]).recommended_strength if i < len(default) else None
             spec = slider_spec(rec, "add")
+            info = slider_info(ctx.vectors.get(default[i]), "add") if i < len(default) else ""
             sliders.append(gr.Slider(label=f"strength: {default[i]}" if i < len(default) else f"strength {i + 1}",
-                                     visible=i < len(default), elem_id=f"strength-{i}", **spec))
+                                     visible=i < len(default), elem_id=f"strength-{i}", info=info, **spec))
     with gr.Row():
         operator = gr.Radio(list(OPERATORS), value="add", label="Operator", elem_id="operator")
         layer = gr.Dropdown(["recommended"] + [str(k) for k in range(ctx.lm.n_layers)], value="recommended",
@@ -234,6 +334,10 @@ def build(ctx: AppContext) -> dict:
                                   label="Probes to monitor live")
         controller = gr.Dropdown(controllers, value="none", label="Controller (decides per prompt how hard to "
                                                                    "steer with its own vector; overrides the sliders)")
+        with gr.Row():
+            ask = gr.Checkbox(False, label="Prompting baseline: also answer with the behaviour asked for in words")
+            instruction = gr.Textbox(label="Instruction (system prompt; empty = from the first vector's labels)",
+                                     lines=1)
     with gr.Row():
         go_btn = gr.Button("Generate", variant="primary", elem_id="generate")
         stop_btn = gr.Button("Stop", variant="stop")
@@ -249,8 +353,9 @@ def build(ctx: AppContext) -> dict:
         updates = []
         for i in range(MAX_VECTORS):
             if i < len(selected):
-                rec = ctx.vectors.get(selected[i]).recommended_strength
-                updates.append(gr.update(visible=True, label=f"strength: {selected[i]}", **slider_spec(rec, op)))
+                vec = ctx.vectors.get(selected[i])
+                updates.append(gr.update(visible=True, label=f"strength: {selected[i]}", info=slider_info(vec, op),
+                                         **slider_spec(vec.recommended_strength, op)))
             else:
                 updates.append(gr.update(visible=False))
         return updates
@@ -267,15 +372,22 @@ def build(ctx: AppContext) -> dict:
         @gpu
         @user_errors
         def stream_fn(run, p, sys_prompt, names_, s0, s1, s2, op, lay, mode, n, ctl, probe_sel, record, tau_value,
-                      request: gr.Request):
+                      ask_value, instr, request: gr.Request):
+            prompting = None
+            if ask_value:
+                from ..measure.calibrate import default_instruction
+
+                first = [x for x in (names_ or []) if x]
+                prompting = (instr or "").strip() or (default_instruction(ctx.vectors.get(first[0])) if first
+                                                      else None)
             yield from run_stream(ctx, request.session_hash, run, p, sys_prompt, names_, [s0, s1, s2], op, lay, mode,
-                                  n, ctl, probe_sel, record if reuse_baseline else None, tau_value)
+                                  n, ctl, probe_sel, record if reuse_baseline else None, tau_value, prompting)
         return stream_fn
 
     full_stream, steered_stream = make_stream(False), make_stream(True)
 
     inputs = [session_run, prompt, system, vectors, *sliders, operator, layer, compose_mode, max_tokens, controller,
-              probes, baseline_record, tau]
+              probes, baseline_record, tau, ask, instruction]
     outputs = [baseline, steered, metrics, strip, chart, baseline_record]
     stream_opts = dict(concurrency_id=GENERATE_QUEUE, concurrency_limit=GENERATE_LIMIT, show_progress="hidden",
                        api_visibility="private")
