@@ -264,13 +264,19 @@ def test_cli_fv(tiny_dir, tmp_path, capsys):
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) == 5 and [r["aie"] for r in rows] == sorted((r["aie"] for r in rows), reverse=True)
     out = tmp_path / "fv"
-    assert main(["fv", "extract", *small, "--n-heads", "2", "--out", str(out)]) == 0
+    assert main(["fv", "extract", *small, "--n-heads", "2", "--select-on", "shuffled", "--out", str(out)]) == 0
     vec = SteeringVector.load(out)
     assert vec.method == "function_vector" and vec.dataset == "pairs" and len(vec.extra["heads"]) == 2
+    assert vec.extra["selection_prompts"] == "shuffled"
     capsys.readouterr()
     assert main(["fv", "eval", "--model", str(tiny_dir), "--task", str(task), "--vector", str(out), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["layer"] == vec.recommended_layer and 0 <= row["accuracy"] <= 1 and row["n"] > 0
+    assert main(["fv", "eval", "--model", str(tiny_dir), "--task", str(task), "--vector", str(out), "--shots", "3",
+                 "--shuffled", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["shuffled"] and row["shots"] == 3
+    assert main(["fv", "eval", "--task", str(task), "--shuffled"]) == 2  # shuffled needs shots
     assert main(["fv", "heads"]) == 2  # no --task: one line, exit 2
     assert main(["fv", "eval", "--task", "no_such_task"]) == 2
     assert main(["fv", "extract", "--task", "antonym"]) == 2  # no --out
@@ -289,11 +295,12 @@ def test_app_callbacks(tiny, tmp_path):
                                   progress=lambda f, text: seen.append(f))
     assert stats.aie.shape == (tiny.n_layers, head_shape(tiny)[0]) and seen and max(seen) <= 1.0
     assert list(fig.data[0].z[0]) == stats.aie[0].tolist() and len(fig.data[1].x) == 2  # heat map + 2 ringed heads
-    saved, text, fig2 = ui.build_and_save(ctx, stats, n_heads=2, name="", shots_baseline=2)
+    saved, text, fig2 = ui.build_and_save(ctx, stats, n_heads=2, name="", shots_baseline=2, select_on="shuffled")
     assert saved == "fv-antonym" and saved in ctx.compatible_vectors()
     vec = ctx.vectors.get(saved)
     assert vec.method == "function_vector" and vec.dataset == "antonym"
-    assert "zero-shot + function vector" in text and "2-shot" in text
+    assert "zero-shot + function vector" in text and "2-shot" in text and "3-shot, labels shuffled +" in text
+    assert vec.extra["selection_prompts"] == "shuffled"
     with pytest.raises(UserError, match="exists"):
         ui.build_and_save(ctx, stats, n_heads=2, name="fv-antonym")
     with pytest.raises(UserError, match="find the heads"):

@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=common.nonnegative_int, default=0, help="splits and prompts (default 0)")
     p.add_argument("--scope", choices=("last", "all"), default="last",
                    help="add the vector at the last token (the paper) or at every position")
+    p.add_argument("--select-on", choices=("zero_shot", "shuffled"), default="zero_shot",
+                   help="extract: choose layer and strength on zero-shot validation prompts (default) or on "
+                        "--shots-shot prompts with shuffled labels (where a small model's vector shows its effect)")
+    p.add_argument("--shuffled", action="store_true",
+                   help="eval: --shots-shot prompts with their labels shuffled (the paper's corrupted prompts)")
     p.add_argument("--out", help="extract: where to save the vector")
     p.add_argument("--vector", help="eval: a vector path or name to add to zero-shot prompts")
     p.add_argument("--layer", type=common.nonnegative_int, default=None, help="eval: layer (default: recommended)")
@@ -61,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
     if vector is not None:
         vector.check_model(lm)
     if args.action == "eval":
+        check(not args.shuffled or (args.shots or 0) >= 2, "--shuffled needs --shots 2 or more")
         res = fv.evaluate(lm, task, vector, shots=args.shots or 0, split=args.split, layer=args.layer,
-                          strength=args.strength, scope=args.scope, seed=args.seed)
-        row = {"task": task.name, "split": args.split, "shots": args.shots or 0, **res.to_dict()}
+                          strength=args.strength, scope=args.scope, seed=args.seed, shuffle_labels=args.shuffled)
+        row = {"task": task.name, "split": args.split, "shots": args.shots or 0, "shuffled": args.shuffled,
+               **res.to_dict()}
         if vector is not None:
             row.update(vector=args.vector, layer=args.layer if args.layer is not None else vector.recommended_layer,
                        strength=args.strength if args.strength is not None else vector.recommended_strength)
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         _show(rows, args.json)
         return 0
     vec = fv.function_vector(lm, task, n_heads=args.n_heads, seed=args.seed, scope=args.scope, stats=stats,
-                             batch_size=args.batch_size)
+                             select_on=args.select_on, batch_size=args.batch_size)
     path = vec.save(args.out)
     print(f"saved the function vector of {task.name} (heads {vec.extra['heads']}) -> {path}; layer "
           f"{vec.recommended_layer}, strength {vec.recommended_strength:g}, validation accuracy "

@@ -48,7 +48,8 @@ def measure_heads(ctx: AppContext, task: str, shots: int = 10, n_clean: int = 32
 
 
 def build_and_save(ctx: AppContext, stats: Any, n_heads: int | None = None, name: str = "", scope: str = "last",
-                   shots_baseline: int = 5, progress: Any = None) -> tuple[str, str, go.Figure]:
+                   shots_baseline: int = 5, select_on: str = "zero_shot",
+                   progress: Any = None) -> tuple[str, str, go.Figure]:
     """The function vector from measured ``stats``, saved to the visitor's library; returns
     ``(saved name, markdown with held-out accuracies, heat map with the chosen heads)``."""
     from ..directions import function_vectors as fv
@@ -57,21 +58,28 @@ def build_and_save(ctx: AppContext, stats: Any, n_heads: int | None = None, name
     name = (name or "").strip() or f"fv-{stats.task}"[:64]
     ctx.vectors.target(name)  # name free and room left, before the work
     vec = fv.function_vector(ctx.lm, stats.task, n_heads=int(n_heads) if n_heads else None, seed=stats.seed,
-                             scope=scope, stats=stats, progress=progress)
+                             scope=scope, select_on=select_on, stats=stats, progress=progress)
     saved = ctx.vectors.save(vec, name)
     zero = fv.evaluate(ctx.lm, stats.task, seed=stats.seed)
     steered = fv.evaluate(ctx.lm, stats.task, vec, seed=stats.seed, scope=scope)
     icl = fv.evaluate(ctx.lm, stats.task, shots=int(shots_baseline), seed=stats.seed)
+    shuffled = fv.evaluate(ctx.lm, stats.task, shots=stats.shots, shuffle_labels=True, seed=stats.seed)
+    shuffled_fv = fv.evaluate(ctx.lm, stats.task, vec, shots=stats.shots, shuffle_labels=True, seed=stats.seed,
+                              scope=scope)
     heads = ", ".join(f"L{k}H{h}" for k, h in vec.extra["heads"])
     text = "\n".join([
         f"saved **{saved}**: the sum of {len(vec.extra['heads'])} heads ({heads}); added at layer "
         f"**{vec.recommended_layer}**, strength **{vec.recommended_strength:g}**, {scope} token(s) "
-        f"(chosen on the validation split: accuracy {vec.extra['valid_accuracy']:.2f})", "",
+        f"(chosen on the validation split, {select_on.replace('_', '-')} prompts: accuracy "
+        f"{vec.extra['valid_accuracy']:.2f})", "",
         f"First-token accuracy on the {zero.n} held-out test pairs:", "",
         "| prompt | accuracy | mean P(answer) |", "|---|---:|---:|",
         f"| zero-shot | {zero.accuracy:.2f} | {zero.mean_prob:.3f} |",
         f"| zero-shot + function vector | {steered.accuracy:.2f} | {steered.mean_prob:.3f} |",
-        f"| {int(shots_baseline)}-shot (no vector) | {icl.accuracy:.2f} | {icl.mean_prob:.3f} |", "",
+        f"| {int(shots_baseline)}-shot (no vector) | {icl.accuracy:.2f} | {icl.mean_prob:.3f} |",
+        f"| {stats.shots}-shot, labels shuffled | {shuffled.accuracy:.2f} | {shuffled.mean_prob:.3f} |",
+        f"| {stats.shots}-shot, labels shuffled + function vector | {shuffled_fv.accuracy:.2f} | "
+        f"{shuffled_fv.mean_prob:.3f} |", "",
         "Examples with the vector: " + "; ".join(f"`{q}` → `{p.strip()}` ({a})" for q, a, p in steered.predictions[:6]),
     ])
     return saved, text, aie_figure(stats, [tuple(h) for h in vec.extra["heads"]])
@@ -96,6 +104,8 @@ def build(ctx: AppContext, steer: dict) -> dict:
     stats_state = gr.State(None)
     with gr.Row():
         scope = gr.Radio(["last", "all"], value="last", label="Add at (last token: the paper; all: every position)")
+        select_on = gr.Radio(["zero_shot", "shuffled"], value="zero_shot",
+                             label="Choose layer and strength on (validation split)")
         name = gr.Textbox(label="Save as (empty: fv-TASK)", scale=2)
         build_btn = gr.Button("2. Build, save and evaluate", variant="primary", elem_id="fv-build")
     msg = gr.Markdown(elem_id="fv-message")
@@ -113,11 +123,11 @@ def build(ctx: AppContext, steer: dict) -> dict:
 
     @gpu
     @user_errors
-    def on_build(stats, nh, sc, nm, progress=gr.Progress()):
-        saved, text, fig = build_and_save(ctx, stats, int(nh or 0) or None, nm, sc,
+    def on_build(stats, nh, sc, sel, nm, progress=gr.Progress()):
+        saved, text, fig = build_and_save(ctx, stats, int(nh or 0) or None, nm, sc, select_on=sel,
                                           progress=lambda f, t: progress(f, desc=t))
         return text, fig, gr.update(choices=ctx.compatible_vectors(), value=[saved])
 
-    build_btn.click(on_build, [stats_state, n_heads, scope, name], [msg, plot, steer["vectors"]],
+    build_btn.click(on_build, [stats_state, n_heads, scope, select_on, name], [msg, plot, steer["vectors"]],
                     concurrency_id=MODEL_QUEUE, api_visibility="private")
     return {"task": task}
