@@ -212,3 +212,34 @@ def test_steer_tab_effect_monitor_slider_info_warning_and_prompting(tiny, vec, t
     assert degeneration_warning("a quick brown fox jumps over the lazy dog near the river bank today", None, 20) is None
     assert degeneration_warning("the cat the cat", None, 4) is None  # too short to judge
     assert hook_count(tiny.model) == 0
+
+
+def test_extracted_vectors_carry_their_own_effect_probe(tiny, tiny_dir, tmp_path, capsys):
+    from steering_lab.cli import main
+    from steering_lab.datasets import ContrastSet
+    from steering_lab.probes import Probe
+    from steering_lab.ui.context import make_context
+    from steering_lab.ui.extract_tab import attach_effect_probe
+
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("\n".join(f"I love this, it is wonderful, day {i}." for i in range(8)) + "\n")
+    neg.write_text("\n".join(f"I hate this, it is awful, day {i}." for i in range(8)) + "\n")
+    out = tmp_path / "happy"
+    assert main(["extract", "--pos", str(pos), "--neg", str(neg), "--layers", "1-2", "--model", str(tiny_dir),
+                 "--out", str(out)]) == 0
+    assert "effect probe:" in capsys.readouterr().out
+    vec = SteeringVector.load(out)
+    m = measure_of(vec)
+    assert m.kind == "probe" and Probe.load(m.name).metrics["selection_is_test"] is False
+    assert main(["extract", "--pos", str(pos), "--neg", str(neg), "--layers", "1", "--model", str(tiny_dir),
+                 "--out", str(tmp_path / "plain"), "--no-effect-probe"]) == 0
+    assert measure_of(SteeringVector.load(tmp_path / "plain")) is None
+    # the app: saved as NAME-effect in the visitor's probe library; too few examples: none, said so
+    ctx = make_context(tiny, user_dir=tmp_path / "user", shipped_root=tmp_path / "shipped")
+    contrast = ContrastSet(name="c", positive=pos.read_text().split("\n")[:8], negative=neg.read_text().split("\n")[:8])
+    v = SteeringVector(directions=dict(vec.directions), model=vec.model)
+    note = attach_effect_probe(ctx, v, contrast, "mine")
+    assert note.startswith("probe mine-effect") and measure_of(v).name == "mine-effect"
+    assert ctx.probes.get("mine-effect").layer in (1, 2)
+    small = ContrastSet(name="s", positive=["a b", "c d"], negative=["e f", "g h"])
+    assert attach_effect_probe(ctx, SteeringVector(directions=dict(vec.directions)), small, "x").startswith("none")

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens read (default: response_mean for prompt+response sets, else last)")
     p.add_argument("--batch-size", type=common.positive_int, default=8)
     p.add_argument("--description", default=None)
+    p.add_argument("--no-effect-probe", action="store_true",
+                   help="do not train the vector's effect probe (PATH-effect.*: its two poles as text, read on "
+                        "generated text by sweeps and calibrate)")
     common.model_args(p)
     p.add_argument("--out", required=True, help="output path (PATH.safetensors + PATH.json)")
     p.set_defaults(run=run_extract)
@@ -43,11 +46,23 @@ def run_extract(args: argparse.Namespace) -> int:
     lm = common.load_model_from_args(args)
     vec, scan = extract(lm, contrast, args.method, layers=args.layers, position=args.position,
                         batch_size=args.batch_size, progress=True, description=args.description)
+    effect_note = ""
+    if not args.no_effect_probe and min(len(contrast.positive), len(contrast.negative)) >= 6:
+        from ..measure.effect import EffectMeasure, set_measure, train_effect_probe
+
+        probe, measure = train_effect_probe(lm, contrast, out.name + "-effect", progress=True)
+        probe_path = probe.save(out.with_name(out.name + "-effect"))
+        set_measure(vec, EffectMeasure(kind="probe", name=str(probe_path.resolve()), sign=1,
+                                       description=measure.description))
+        effect_note = (f"effect probe: {probe_path}.safetensors (layer {probe.layer}, test AUROC "
+                       f"{probe.metrics.get('test_auroc', float('nan')):.3f}); sweeps and calibrate measure with it")
     saved = vec.save(out)
     print(scan.table())
     print(f"recommended layer: {vec.recommended_layer}")
     print(f"recommended strength: {vec.recommended_strength}")
     print(f"saved {saved}.safetensors and {saved}.json")
+    if effect_note:
+        print(effect_note)
     return 0
 
 

@@ -56,6 +56,21 @@ def actadd_contrast(positive: str, negative: str, name: str) -> ContrastSet:
                        description=f"ActAdd: {positive.strip()!r} - {negative.strip()!r}")
 
 
+def attach_effect_probe(ctx: AppContext, vec, contrast, name: str) -> str:
+    """Train the vector's own effect measure (a probe on its contrast set's two poles as text, layer
+    chosen on a validation split, AUROC on a test split) and save it as ``NAME-effect`` in the
+    visitor's probe library; returns what was done, for the summary."""
+    from ..measure.effect import set_measure, train_effect_probe
+
+    if min(len(contrast.positive), len(contrast.negative)) < 6:
+        return "none: an effect probe needs at least 6 examples per side (sweeps fall back to refusal)"
+    probe_name = f"{name}-effect"[:64]
+    probe, measure = train_effect_probe(ctx.lm, contrast, probe_name)
+    saved = ctx.probes.save(probe, probe_name, overwrite=ctx.probes.is_user(probe_name))
+    set_measure(vec, type(measure)(kind="probe", name=saved, sign=1, description=measure.description))
+    return f"probe {saved} (layer {probe.layer}, test AUROC {probe.metrics.get('test_auroc', float('nan')):.3f})"
+
+
 def run_extract(ctx: AppContext, source: str, preset: str | None, pos_file: str | None, neg_file: str | None,
                 method: str, layers: str, position: str, name: str, *, pairs: Sequence | None = None,
                 actadd: tuple[str, str] | None = None) -> tuple[dict, object]:
@@ -81,11 +96,12 @@ def run_extract(ctx: AppContext, source: str, preset: str | None, pos_file: str 
     check(method != "pca" or len(contrast.positive) >= 2, "pca needs at least 2 pairs")
     vec, scan = extract(ctx.lm, contrast, method, layers=(layers or "").strip() or None,
                         position=None if position in (None, "", "auto") else position, progress=True)
+    effect = attach_effect_probe(ctx, vec, contrast, name)
     saved = ctx.vectors.save(vec, name)
     summary = {"name": saved, "method": method, "dataset": contrast.name,
                "recommended_layer": vec.recommended_layer, "recommended_strength": vec.recommended_strength,
                "heldout_auroc_at_layer": scan.row(vec.recommended_layer).auroc, "in_sample": scan.in_sample,
-               "n_pairs": len(contrast.positive), "layers": vec.layers}
+               "n_pairs": len(contrast.positive), "layers": vec.layers, "effect_measure": effect}
     fig = layer_scan_figure(scan.to_dict()["rows"], scan.recommended_layer,
                             title=f"Layer scan: {contrast.name} ({method})")
     return summary, fig
