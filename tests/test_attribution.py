@@ -175,3 +175,23 @@ def test_app_callback_and_build(tiny, tmp_path):
         out = ui.build(ctx, {"layer": layer})
     assert "summary" in out
     assert hook_count(tiny.model) == 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_other_architectures(arch, tiny_tokenizer):
+    """q/k-normed attention (qwen3: the QK fix is what makes query estimates track exact patching) and a
+    fused-QKV model (gpt2: layers and heads only)."""
+    lm = make_tiny(arch, tiny_tokenizer)
+    pairs = _pairs(lm)
+    res = atp.attribute(lm, pairs, graddrop=False)
+    ex = atp.activation_patching(lm, pairs)
+    assert set(ex["effects"]) == ({"layers", "heads"} if arch == "gpt2" else set(atp.NODE_TYPES))
+    assert ex["effects"]["layers"][-1].item() == pytest.approx(res.corrupt_metric - res.clean_metric, abs=1e-4)
+    if arch == "qwen3":
+        for t in ("queries", "keys"):
+            assert ((res.get(t, "atp_qk") - ex["effects"][t]).abs().sum()
+                    <= (res.get(t, "atp") - ex["effects"][t]).abs().sum() + 1e-7)
+    else:
+        with pytest.raises(UserError, match="q_proj"):
+            atp.attribute(lm, pairs, qk=True)
+    assert hook_count(lm.model) == 0 and _no_grads(lm)
