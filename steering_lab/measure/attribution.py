@@ -38,9 +38,14 @@ QK-fixed for queries/keys, equal to ``atp`` for layers/heads) and ``atp_star`` (
 a magnitude; ``|atp_qk|`` when GradDrop is off). :func:`activation_patching` is the exact reference.
 
 Simplifications, honestly: nodes are at the last position only (no per-position sweep, no MLP
-neurons); GradDrop drops one whole block's contribution (attention + MLP together), as in the paper;
-the combination of GradDrop with the pair average takes ``|mean over pairs|`` per dropped layer; the
-metric is read at the last position only (a single next token).
+neurons, no value nodes); GradDrop drops one whole block's contribution (attention + MLP together)
+and is combined with the pair average as ``|mean over pairs|`` per dropped block (the ``1/(L-1)``
+normalisation is the paper's, written from our reading of it; for a head/query/key node the term of
+its own block is 0, for a residual node none is, so residual GradDrop values are ``L/(L-1)`` larger in
+scale, which changes no ranking); the metric is read at the last position only (a single next token).
+The query/key node is the projection output before rotary embeddings and q/k norms (Qwen3, Gemma3),
+so with q/k norms plain AtP is further from exact there and the QK fix matters more. Fused-QKV models
+(GPT-2, GPT-NeoX, Phi-3) get layers and heads only.
 """
 
 from __future__ import annotations
