@@ -147,42 +147,7 @@ def score_texts(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str],
 
     ``steering`` may carry per-row strengths (one per text), so a whole sweep is scored at once.
     """
-    check(len(prompts) == len(texts), f"{len(prompts)} prompts but {len(texts)} texts")
-    check(len(texts) > 0, "no texts to score")
-    items = [steering] if isinstance(steering, Steer) else list(steering)
-    ppl, kls, counts = [], [], []
-    for start in range(0, len(texts), batch_size):
-        stop = min(start + batch_size, len(texts))
-        seqs, spans = [], []
-        for i in range(start, stop):
-            p_ids = lm.encode_prompt(prompts[i], system=system, chat=chat)
-            t_ids = lm.encode(texts[i], special=False)
-            seqs.append(p_ids + t_ids)
-            spans.append(len(t_ids))
-        # position t predicts token t+1: a text of n tokens is predicted by the n positions before
-        # its last token, all inside the last (n_max + 1) positions of the left-padded batch
-        keep = max(spans) + 1
-        pred_mask = torch.zeros((len(seqs), keep - 1))
-        targets = torch.zeros((len(seqs), keep - 1), dtype=torch.long)
-        for r, (s, n) in enumerate(zip(seqs, spans)):
-            tail = ([lm.pad_id] * keep + s)[-keep:]
-            targets[r] = torch.as_tensor(tail[1:])
-            if n:
-                pred_mask[r, keep - 1 - n:] = 1
-        base = _teacher_forced(lm, seqs, (), keep)[:, :-1]
-        logp = torch.log_softmax(base, -1).gather(-1, targets[..., None])[..., 0]
-        nll = -(logp * pred_mask).sum(-1) / pred_mask.sum(-1).clamp_min(1)
-        if items:
-            rows = [_slice_rows(item, start, stop) for item in items]
-            steered = _teacher_forced(lm, seqs, rows, keep)[:, :-1]
-            kl = kl_from_logits(steered, base, pred_mask)
-        else:
-            kl = torch.zeros(len(seqs))
-        for r, n in enumerate(spans):
-            ppl.append(float(math.exp(nll[r])) if n else float("nan"))
-            kls.append(float(kl[r]) if n else float("nan"))
-            counts.append(n)
-    return TextScores(perplexity=ppl, kl=kls, n_tokens=counts)
+    return _score(lm, prompts, texts, steering, chat, system, system, batch_size)
 
 
 def score_prompted(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str], system: str,
@@ -193,31 +158,46 @@ def score_prompted(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str]
     over the text's tokens, and the perplexity of the text under the plain model. The same quantities
     :func:`score_texts` gives for steering alone, so "prompted", "steered" and "prompted + steered"
     rows compare on one scale."""
+    return _score(lm, prompts, texts, steering, chat, None, system, batch_size)
+
+
+def _score(lm: LoadedModel, prompts: Sequence[str], texts: Sequence[str], steering: Steer | Sequence[Steer],
+           chat: bool, ref_system: str | None, system: str | None, batch_size: int) -> TextScores:
+    """Perplexity under the unsteered model with ``ref_system``, and KL(other || that) where "other"
+    is the model with ``system`` and ``steering`` (KL 0 when both are the same context, unsteered)."""
     check(len(prompts) == len(texts), f"{len(prompts)} prompts but {len(texts)} texts")
     check(len(texts) > 0, "no texts to score")
     items = [steering] if isinstance(steering, Steer) else list(steering)
+    differs = bool(items) or ref_system != system
     ppl, kls, counts = [], [], []
     for start in range(0, len(texts), batch_size):
         stop = min(start + batch_size, len(texts))
-        plain, sys_seqs, spans = [], [], []
+        seqs, others, spans = [], [], []
         for i in range(start, stop):
             t_ids = lm.encode(texts[i], special=False)
-            plain.append(lm.encode_prompt(prompts[i], chat=chat) + t_ids)
-            sys_seqs.append(lm.encode_prompt(prompts[i], system=system, chat=chat) + t_ids)
+            seqs.append(lm.encode_prompt(prompts[i], system=ref_system, chat=chat) + t_ids)
+            others.append(lm.encode_prompt(prompts[i], system=system, chat=chat) + t_ids)
             spans.append(len(t_ids))
-        keep = max(spans) + 1  # the last keep positions of both left-padded batches are the text's
-        mask = torch.zeros((len(spans), keep - 1))
-        targets = torch.zeros((len(spans), keep - 1), dtype=torch.long)
-        for r, (seq, n) in enumerate(zip(plain, spans)):
-            targets[r] = torch.as_tensor(([lm.pad_id] * keep + seq)[-keep:][1:])
+        # position t predicts token t+1: a text of n tokens is predicted by the n positions before
+        # its last token, all inside the last (n_max + 1) positions of the left-padded batch (for
+        # either context: the text is the same, only what comes before it differs)
+        keep = max(spans) + 1
+        pred_mask = torch.zeros((len(seqs), keep - 1))
+        targets = torch.zeros((len(seqs), keep - 1), dtype=torch.long)
+        for r, (seq, n) in enumerate(zip(seqs, spans)):
+            tail = ([lm.pad_id] * keep + seq)[-keep:]
+            targets[r] = torch.as_tensor(tail[1:])
             if n:
-                mask[r, keep - 1 - n:] = 1
-        base = _teacher_forced(lm, plain, (), keep)[:, :-1]
-        rows = [_slice_rows(item, start, stop) for item in items]
-        other = _teacher_forced(lm, sys_seqs, rows, keep)[:, :-1]
+                pred_mask[r, keep - 1 - n:] = 1
+        base = _teacher_forced(lm, seqs, (), keep)[:, :-1]
         logp = torch.log_softmax(base, -1).gather(-1, targets[..., None])[..., 0]
-        nll = -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-        kl = kl_from_logits(other, base, mask)
+        nll = -(logp * pred_mask).sum(-1) / pred_mask.sum(-1).clamp_min(1)
+        if differs:
+            rows = [_slice_rows(item, start, stop) for item in items]
+            other = _teacher_forced(lm, others, rows, keep)[:, :-1]
+            kl = kl_from_logits(other, base, pred_mask)
+        else:
+            kl = torch.zeros(len(seqs))
         for r, n in enumerate(spans):
             ppl.append(float(math.exp(nll[r])) if n else float("nan"))
             kls.append(float(kl[r]) if n else float("nan"))
