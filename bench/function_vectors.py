@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import random
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads sleep (shared cores)
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -164,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--icl-shots", default="5,10")
     p.add_argument("--scope", default="last", choices=("last", "all"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--out", default=str(HERE / "function_vectors"))
     args = p.parse_args(argv)
     args.icl_shots = [int(s) for s in args.icl_shots.split(",") if s]
     tasks = args.tasks.split(",") if args.tasks else fv.task_names()
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     lm = load_model()
     rows = [run_task(lm, fv, name, args) for name in tasks]
