@@ -195,29 +195,25 @@ def main() -> None:
                                    evaluate_on={"heldout_style": trait_statement_set(name, "heldout_style")})
             probe.save(PROBES / name)
             log(f"probe {name}: layer {probe.layer} ({probe.pooling}), AUROC {auroc_line(probe.metrics)}")
-    if want("controller"):
-        from steering_lab.controller import train_refusal_controller
+    if want("controller") or want("condition"):
+        from steering_lab.controller import build_refusal_gates
         from steering_lab.vector import SteeringVector
 
         vec = SteeringVector.load(VECTORS / "refusal_style", lm)
         rec = vec.recommended_layer
-        # train: in-style train + varied lines; gate threshold calibrated on val (in-style + style-2);
-        # applied rates recorded on val and on both test splits (controller.REFUSAL_SPLITS)
-        ctl = train_refusal_controller(lm, vec, steer_layers=list(range(rec - 2, rec + 3)), input_layers=[6, 9, 12],
-                                       base_strength=vec.recommended_strength, init=controller_init(lm),
-                                       **CONTROLLER_TRAINING)
-        ctl.save(CONTROLLERS / "refusal_style")
-        log(f"controller: threshold {ctl.threshold:.4f}; " + "; ".join(
-            f"{k} applied {ctl.metrics[k]['applied_harmful']:.0%} harmful / {ctl.metrics[k]['applied_harmless']:.0%} "
-            f"harmless" for k in ("val", "test_instyle", "test_style2")))
-    if want("condition"):
-        from steering_lab.controller import fit_refusal_condition
-
-        cond = fit_refusal_condition(lm)
-        cond.save(CONDITIONS / "harmful")
-        log(f"condition: layer {cond.layer}, threshold {cond.threshold:.4f}; " + "; ".join(
-            f"{k} applied {cond.metrics[k]['applied_harmful']:.0%} harmful / "
-            f"{cond.metrics[k]['applied_harmless']:.0%} harmless" for k in ("val", "test_instyle", "test_style2")))
+        # one pass over every prompt of controller.REFUSAL_SPLITS: train = in-style train + varied lines; both
+        # thresholds calibrated on val (in-style + style-2 val); rates recorded on val and on both test splits
+        ctl, cond, _ = build_refusal_gates(lm, vec, steer_layers=list(range(rec - 2, rec + 3)), input_layers=[6, 9, 12],
+                                           base_strength=vec.recommended_strength, condition_layers=list(range(16)),
+                                           init=controller_init(lm), **CONTROLLER_TRAINING)
+        for name, art, path in (("controller", ctl, CONTROLLERS / "refusal_style"),
+                                ("condition", cond, CONDITIONS / "harmful")):
+            if want(name):
+                art.save(path)
+                log(f"{name}: threshold {art.threshold:.4f}; " + "; ".join(
+                    f"{k} applied {art.metrics[k]['applied_harmful']:.0%} harmful / "
+                    f"{art.metrics[k]['applied_harmless']:.0%} harmless"
+                    for k in ("val", "test_instyle", "test_style2")))
     write_readme()
     log(f"done in {time.time() - t0:.0f} s")
 

@@ -74,6 +74,18 @@ def calibrate_threshold(positive: torch.Tensor | Sequence[float], negative: torc
             "rule": THRESHOLD_RULE.format(rate=max_negative_rate)}
 
 
+def gate_rates(positive: torch.Tensor, negative: torch.Tensor, threshold: float, strict: bool = False) -> dict:
+    """Applied rates on positive (harmful) and negative (harmless) scores at ``threshold`` (``>`` when
+    ``strict``, else ``>=``), and the scores' AUROC (``sklearn.metrics.roc_auc_score``)."""
+    from sklearn.metrics import roc_auc_score
+
+    pos, neg = torch.as_tensor(positive).float().flatten(), torch.as_tensor(negative).float().flatten()
+    on_p, on_n = (pos > threshold, neg > threshold) if strict else (pos >= threshold, neg >= threshold)
+    return {"applied_harmful": float(on_p.float().mean()), "applied_harmless": float(on_n.float().mean()),
+            "auroc": float(roc_auc_score([1] * len(pos) + [0] * len(neg), torch.cat([pos, neg]).tolist())),
+            "n_harmful": len(pos), "n_harmless": len(neg)}
+
+
 # ---- the controller network ---------------------------------------------------------------------
 
 class ControllerNet(nn.Module):
@@ -146,7 +158,13 @@ class Controller:
         """Set the gate threshold on a validation split (see :func:`calibrate_threshold`) and record it in
         ``metrics['threshold_selection']`` with the split's name; returns that record."""
         scale, _ = self.decide(lm, list(harmful) + list(harmless))
-        record = calibrate_threshold(scale[:len(harmful)], scale[len(harmful):], max_negative_rate=max_negative_rate)
+        return self.calibrate_scores(scale[:len(harmful)], scale[len(harmful):], max_negative_rate=max_negative_rate,
+                                     split=split)
+
+    def calibrate_scores(self, harmful_scale: torch.Tensor, harmless_scale: torch.Tensor, *,
+                         max_negative_rate: float = 0.05, split: str = "val") -> dict[str, Any]:
+        """:meth:`calibrate` from the gate's scales on the validation prompts."""
+        record = calibrate_threshold(harmful_scale, harmless_scale, max_negative_rate=max_negative_rate)
         self.threshold = record["threshold"]
         record = {"split": split, "selection_is_test": False, **record}
         self.metrics["threshold_selection"] = record
@@ -155,13 +173,8 @@ class Controller:
 
     def measure(self, lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str]) -> dict[str, float]:
         """Applied rates (and the gate's AUROC) on labelled prompts, at the current threshold."""
-        from sklearn.metrics import roc_auc_score
-
         scale, _ = self.decide(lm, list(harmful) + list(harmless))
-        on, n = self.gate(scale), len(harmful)
-        return {"applied_harmful": float(on[:n].float().mean()), "applied_harmless": float(on[n:].float().mean()),
-                "auroc": float(roc_auc_score([1] * n + [0] * len(harmless), scale.tolist())),
-                "n_harmful": n, "n_harmless": len(harmless)}
+        return gate_rates(scale[:len(harmful)], scale[len(harmful):], self.threshold)
 
     def generate(self, lm: LoadedModel, prompts: Sequence[str], **kw) -> tuple[list[str], torch.Tensor]:
         """Generate with the controller's steering; returns (texts, scales)."""
@@ -275,7 +288,7 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
                      progress: bool = False, harmful_val: Sequence[str] | None = None,
                      harmless_val: Sequence[str] | None = None, max_negative_rate: float = 0.05,
                      weight_decay: float = 0.0, gate_epochs: int = 0, val_split: str = "val",
-                     init: Controller | None = None) -> Controller:
+                     init: Controller | None = None, pooled: torch.Tensor | None = None) -> Controller:
     """Train a controller (see module docstring). The LM stays frozen; only the small net learns.
 
     ``gate_epochs`` more epochs train the gate alone (its loss only, on the cached pooled activations:
@@ -284,7 +297,9 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
 
     ``init``: start from this controller's network (same layers and width; its input statistics are
     kept). Its per-layer weights then anchor the gate-only epochs (squared error to them is added), so
-    a warm-started controller keeps the LM-trained layer weighting while its gate learns new prompts."""
+    a warm-started controller keeps the LM-trained layer weighting while its gate learns new prompts.
+    ``pooled``: the prompts' pooled activations at ``input_layers`` ([harmful + harmless, n_inputs, d]),
+    when the caller already has them (they are collected otherwise)."""
     from .datasets import refusal_responses
     from .generate import generate
 
@@ -303,7 +318,10 @@ def train_controller(lm: LoadedModel, vector: SteeringVector, harmful: Sequence[
     ctl = Controller(net=ControllerNet(len(input_layers), lm.d_model, len(steer_layers), hidden),
                      input_layers=list(input_layers), steer_layers=list(steer_layers), vector=vector,
                      base_strength=float(base_strength), model=lm.name)
-    pooled = ctl.pooled(lm, prompts)  # fixed: the controller reads the unsteered prompt
+    if pooled is None:
+        pooled = ctl.pooled(lm, prompts)  # fixed: the controller reads the unsteered prompt
+    check(tuple(pooled.shape) == (len(prompts), len(ctl.input_layers), lm.d_model),
+          f"pooled activations of shape {tuple(pooled.shape)} do not match the prompts and input layers")
     anchor = None
     if init is not None:
         check(init.input_layers == ctl.input_layers and init.steer_layers == ctl.steer_layers
@@ -419,13 +437,8 @@ class Condition:
 
     def measure(self, lm: LoadedModel, positive: Sequence[str], negative: Sequence[str]) -> dict[str, float]:
         """Applied rates (and the similarity's AUROC) on labelled prompts, at the current threshold."""
-        from sklearn.metrics import roc_auc_score
-
-        sims, n = self.scores(lm, list(positive) + list(negative)), len(positive)
-        on = sims > self.threshold
-        return {"applied_harmful": float(on[:n].float().mean()), "applied_harmless": float(on[n:].float().mean()),
-                "auroc": float(roc_auc_score([1] * n + [0] * len(negative), sims.tolist())),
-                "n_harmful": n, "n_harmless": len(negative)}
+        sims = self.scores(lm, list(positive) + list(negative))
+        return gate_rates(sims[:len(positive)], sims[len(positive):], self.threshold, strict=True)
 
     # ---- files -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -487,21 +500,33 @@ def fit_condition(lm: LoadedModel, positive_train: Sequence[str], negative_train
 
     Pooling defaults to the last prompt token: with a chat template, the mean over the prompt is
     dominated by the shared system and template tokens. ``grid`` lists every layer's val numbers."""
+    check(min(len(positive_train), len(negative_train), len(positive_val), len(negative_val)) > 0,
+          "CAST needs positive and negative prompts for train and val")
+    layers = sorted(set(range(lm.n_layers) if layers is None else layers))
+    kw = dict(layers=layers, position=pooling, chat=chat, progress=progress)
+    tp, tn = collect(lm, positive_train, **kw).acts, collect(lm, negative_train, **kw).acts
+    vp, vn = collect(lm, positive_val, **kw).acts, collect(lm, negative_val, **kw).acts
+    cond = fit_condition_acts(tp, tn, vp, vn, layers, max_negative_rate=max_negative_rate, val_split=val_split)
+    cond.pooling, cond.chat, cond.model = pooling, chat, lm.name
+    return cond
+
+
+def fit_condition_acts(tp: torch.Tensor, tn: torch.Tensor, vp: torch.Tensor, vn: torch.Tensor, layers: Sequence[int],
+                       *, max_negative_rate: float | None = 0.05, val_split: str = "val") -> Condition:
+    """:func:`fit_condition` from pooled activations ``[n, len(layers), d]`` of the train and val prompts
+    (positive/negative), ``layers`` naming their second axis."""
     import numpy as np
     from sklearn.metrics import precision_recall_curve
 
     from .extract import mean_diff
 
-    check(min(len(positive_train), len(negative_train), len(positive_val), len(negative_val)) > 0,
-          "CAST needs positive and negative prompts for train and val")
-    layers = list(range(lm.n_layers)) if layers is None else list(layers)
-    kw = dict(layers=layers, position=pooling, chat=chat, progress=progress)
-    tp, tn = collect(lm, positive_train, **kw).acts, collect(lm, negative_train, **kw).acts
-    vp, vn = collect(lm, positive_val, **kw).acts, collect(lm, negative_val, **kw).acts
-    label = np.r_[np.ones(len(positive_val)), np.zeros(len(negative_val))]
+    check(tp.shape[1] == len(layers) and tn.shape[1] == vp.shape[1] == vn.shape[1] == len(layers),
+          "activations must hold one slice per layer")
+    positive_train, negative_train, positive_val, negative_val = tp, tn, vp, vn  # for the counts below
+    label = np.r_[np.ones(len(vp)), np.zeros(len(vn))]
     best: tuple | None = None
     grid = []
-    for j, k in enumerate(sorted(set(layers))):
+    for j, k in enumerate(layers):
         d = mean_diff(tp[:, j], tn[:, j])
         probe = Condition(layer=k, direction=d, threshold=0.0)
         sp, sn = probe.similarity(vp[:, j]), probe.similarity(vn[:, j])
@@ -531,8 +556,7 @@ def fit_condition(lm: LoadedModel, positive_train: Sequence[str], negative_train
                           + "; layer: highest such rate, ties to the higher validation AUROC"),
                  "max_negative_rate": max_negative_rate, "n_harmful": len(positive_val),
                  "n_harmless": len(negative_val), **{k: v for k, v in row.items() if k != "layer"}}
-    return Condition(layer=row["layer"], direction=d, threshold=row["threshold"], pooling=pooling, f1=row["f1"],
-                     grid=grid, chat=chat, model=lm.name,
+    return Condition(layer=row["layer"], direction=d, threshold=row["threshold"], f1=row["f1"], grid=grid,
                      metrics={"threshold_selection": selection, "selection_is_test": False,
                               "train": {"split": "train", "n_harmful": len(positive_train),
                                         "n_harmless": len(negative_train)}})
@@ -605,3 +629,44 @@ def fit_refusal_condition(lm: LoadedModel, *, max_negative_rate: float = 0.05, l
     cond.description = "harmful request (apply steering) vs harmless, cosine at the last prompt token"
     _report(cond, lm)
     return cond
+
+
+def collect_refusal_acts(lm: LoadedModel, layers: Sequence[int], *, progress: bool = False
+                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Last-prompt-token activations at ``layers`` (sorted) of every split of :data:`REFUSAL_SPLITS`:
+    ``{split: (harmful [n, len(layers), d], harmless [...])}``, one pass per prompt."""
+    kw = dict(layers=sorted(set(layers)), position="last", batch_size=16, progress=progress)
+    return {name: tuple(collect(lm, side, **kw).acts for side in refusal_data(name)) for name in REFUSAL_SPLITS}
+
+
+def build_refusal_gates(lm: LoadedModel, vector: SteeringVector, *, steer_layers: Sequence[int],
+                        input_layers: Sequence[int], base_strength: float, condition_layers: Sequence[int],
+                        max_negative_rate: float = 0.05, acts: dict | None = None, progress: bool = False,
+                        **train_kw) -> tuple[Controller, Condition, dict]:
+    """The shipped refusal controller and CAST condition from one pass over every prompt (see
+    :func:`train_refusal_controller` and :func:`fit_refusal_condition`, which this equals up to the
+    shared activations). Returns ``(controller, condition, acts)``; ``acts`` as :func:`collect_refusal_acts`
+    at ``sorted(set(input_layers) | set(condition_layers))``."""
+    layers = sorted(set(input_layers) | set(condition_layers))
+    acts = acts if acts is not None else collect_refusal_acts(lm, layers, progress=progress)
+    ii = [layers.index(k) for k in input_layers]
+    ic = [layers.index(k) for k in sorted(set(condition_layers))]
+    tp, tn = acts["train"]
+    ctl = train_controller(lm, vector, *refusal_data("train"), steer_layers=steer_layers, input_layers=input_layers,
+                           base_strength=base_strength, pooled=torch.cat([tp, tn])[:, ii], **train_kw)
+    with torch.no_grad():
+        scales = {name: (ctl.net(h[:, ii])[0], ctl.net(x[:, ii])[0]) for name, (h, x) in acts.items()}
+    ctl.calibrate_scores(*scales["val"], max_negative_rate=max_negative_rate, split="val")
+    vp, vn = acts["val"]
+    cond = fit_condition_acts(tp[:, ic], tn[:, ic], vp[:, ic], vn[:, ic], sorted(set(condition_layers)),
+                              max_negative_rate=max_negative_rate, val_split="val")
+    cond.model = lm.name
+    cond.description = "harmful request (apply steering) vs harmless, cosine at the last prompt token"
+    j = layers.index(cond.layer)
+    sims = {name: (cond.similarity(h[:, j]), cond.similarity(x[:, j])) for name, (h, x) in acts.items()}
+    for art, scores, strict in ((ctl, scales, False), (cond, sims, True)):
+        art.metrics["splits"] = dict(REFUSAL_SPLITS)
+        for name in ("val", "test_instyle", "test_style2"):
+            art.metrics[name] = {"split": name, **gate_rates(*scores[name], art.threshold, strict=strict)}
+        art.metrics["selection_is_test"] = False
+    return ctl, cond, acts

@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from steering_lab.controller import REFUSAL_SPLITS, Condition, Controller, refusal_data
+from steering_lab.controller import REFUSAL_SPLITS, Condition, Controller, build_refusal_gates, refusal_data
 from steering_lab.datasets import (
     SPLITS,
     _data_text,
@@ -20,6 +21,7 @@ from steering_lab.datasets import (
     instruction_split,
     style2_split,
 )
+from steering_lab.vector import SteeringVector
 
 SHIPPED = Path(__file__).resolve().parents[1] / "steering_lab" / "shipped"
 CONTROLLER, CONDITION = SHIPPED / "controllers" / "refusal_style", SHIPPED / "conditions" / "harmful"
@@ -123,3 +125,37 @@ def test_shipped_gates_generalise_to_the_style2_test_split(smol):
                           ("condition", cond.applies(smol, harmful + harmless))):
         on_harmful, on_harmless = float(applied[:20].float().mean()), float(applied[20:].float().mean())
         assert on_harmful >= 0.85 and on_harmless <= 0.10, (name, on_harmful, on_harmless)
+
+
+def test_build_refusal_gates_from_shared_activations(tiny, tmp_path):
+    """The one-pass build (what build_library and the bench run) on given activations: both gates are
+    calibrated on val, every split's rates are recorded under its name, and the files round-trip."""
+    g = torch.Generator().manual_seed(0)
+    layers = [0, 1, 2]
+    acts = {}
+    for name in REFUSAL_SPLITS:
+        h, x = refusal_data(name)
+        shift = torch.zeros(len(layers), tiny.d_model)
+        shift[:, 0] = 8.0  # harmful prompts sit further along one axis
+        acts[name] = (torch.randn(len(h), len(layers), tiny.d_model, generator=g) + shift,
+                      torch.randn(len(x), len(layers), tiny.d_model, generator=g))
+    vec = SteeringVector(directions={k: torch.randn(tiny.d_model, generator=g) for k in range(tiny.n_layers)},
+                         model=tiny.name)
+    ctl, cond, back = build_refusal_gates(tiny, vec, steer_layers=[1, 2], input_layers=[0, 2], base_strength=2.0,
+                                          condition_layers=[1, 2], acts=acts, epochs=0, gate_epochs=3, hidden=8)
+    assert back is acts and cond.layer in (1, 2)
+    for art in (ctl, cond):
+        sel = art.metrics["threshold_selection"]
+        assert sel["split"] == "val" and sel["selection_is_test"] is False and sel["threshold"] == art.threshold
+        negative_rate = sel.get("negative_rate", sel.get("val_applied_harmless"))  # controller / condition
+        assert negative_rate <= 0.05 and art.metrics["val"]["applied_harmless"] == pytest.approx(negative_rate)
+        assert art.metrics["test_style2"]["applied_harmful"] >= 0.9  # an easy, linearly separable toy problem
+    ctl.save(tmp_path / "c")
+    cond.save(tmp_path / "d")
+    meta_c = json.loads((tmp_path / "c.json").read_text())
+    meta_d = json.loads((tmp_path / "d.json").read_text())
+    for meta in (meta_c, meta_d):
+        meta["metrics"].pop("train_loss", None)
+        _numbers_name_their_split(meta["metrics"], "metrics", None)
+    assert Controller.load(tmp_path / "c").threshold == ctl.threshold
+    assert Condition.load(tmp_path / "d").threshold == cond.threshold

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from steering_lab.controller import Controller
-from steering_lab.datasets import neutral_prompts
+from steering_lab.controller import Condition, Controller
+from steering_lab.datasets import instruction_split, neutral_prompts
 from steering_lab.generate import generate
 from steering_lab.intervene import Steer, hook_count
 from steering_lab.metrics import distinct_n
@@ -35,7 +35,12 @@ def test_every_shipped_file_loads_and_matches_the_model(smol, library):
         assert probe.model == smol.name and 0 <= probe.metrics["test_auroc"] <= 1
     assert Probe.load(ROOT / "probes" / "harmful").metrics["test_auroc"] >= 0.97
     ctl = Controller.load(ROOT / "controllers" / "refusal_style", smol)
-    assert ctl.metrics["test_applied_harmful"] >= 0.9 and ctl.metrics["test_applied_harmless"] <= 0.1
+    cond = Condition.load(ROOT / "conditions" / "harmful", smol)
+    harmful, harmless = instruction_split("test")  # re-measured on the in-style test split, not read from json
+    for name, gate in (("controller", ctl.applied), ("condition", cond.applies)):
+        on = gate(smol, harmful + harmless)
+        on_harmful, on_harmless = float(on[:25].float().mean()), float(on[25:].float().mean())
+        assert on_harmful >= 0.9 and on_harmless <= 0.1, (name, on_harmful, on_harmless)
     assert {p.stem for p in (ROOT / "vectors").glob("*.safetensors")} == set(VECTORS)
 
 
