@@ -69,7 +69,7 @@ def _top(t: torch.Tensor, k: int = 5) -> list[dict]:
 
 
 def _f(x: float) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
 
 
 def markdown(report: dict) -> str:
@@ -132,7 +132,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--contrasts", default="sentiment")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--append", action="store_true", help="keep the other contrasts' results of bench/attribution.json")
+    ap.add_argument("--render", action="store_true", help="only rewrite attribution.md from attribution.json")
     args = ap.parse_args(argv)
+    prev = HERE / "attribution.json"
+    if args.render:
+        (HERE / "attribution.md").write_text(markdown(json.loads(prev.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     from steering_lab.measure.attribution import save_json
     from steering_lab.model import load_model
@@ -146,9 +152,13 @@ def main(argv=None) -> int:
               "machine": "2-core CPU, shared", "platform": platform.platform(),
               "command": "python -m bench.attribution " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": lm.name, "torch": torch.__version__, "shipped_sentiment_layer": shipped, "results": results}
-    prev = HERE / "attribution.json"
     if prev.exists():  # keep a hand-written reading across re-runs
-        report["reading"] = json.loads(prev.read_text()).get("reading", "")
+        old = json.loads(prev.read_text())
+        report["reading"] = old.get("reading", "")
+        if args.append:
+            done = {r["contrast"] for r in results}
+            report["results"] = [r for r in old.get("results", []) if r["contrast"] not in done] + results
+            report["command"] = old.get("command", "") + "; " + report["command"]
     save_json(report, HERE / "attribution.json")
     (HERE / "attribution.md").write_text(markdown(report))
     return 0
