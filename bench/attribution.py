@@ -45,6 +45,8 @@ def run_contrast(lm, name: str, n_pairs: int) -> dict:
     suggested["exact"] = atp.suggest_layers(exact["effects"]["layers"], 3)
     suggested["atp_star_heads"] = atp.suggest_layers(star, 3, method="atp_star", source="heads")
     suggested["exact_heads"] = atp.suggest_layers(exact["effects"]["heads"], 3)
+    suggested["atp_star_onset"] = atp.suggest_layers(star, 1, method="atp_star", rule="onset")
+    suggested["exact_onset"] = atp.suggest_layers(exact["effects"]["layers"], 1, rule="onset")
     return {
         "contrast": name, "n_pairs": len(pairs), "metric": star.metric,
         "clean_metric": star.clean_metric, "corrupt_metric": star.corrupt_metric,
@@ -70,6 +72,13 @@ def _top(t: torch.Tensor, k: int = 5) -> list[dict]:
 
 def _f(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
+
+
+def _onset(r: dict) -> tuple[int, int]:
+    from steering_lab.measure.attribution import suggest_layers
+
+    return (suggest_layers(torch.tensor(r["atp_star_layers"]), 1, rule="onset")[0],
+            suggest_layers(torch.tensor(r["exact_layers"]), 1, rule="onset")[0])
 
 
 def markdown(report: dict) -> str:
@@ -99,7 +108,8 @@ def markdown(report: dict) -> str:
         f"({tm['activation_patching']['forward_rows']} forward rows: one per node and pair).",
         f"- Suggested layers (top |effect|): AtP* {sent['suggested_layers']['atp_star']}, exact "
         f"{sent['suggested_layers']['exact']}; by summed heads: AtP* {sent['suggested_layers']['atp_star_heads']}, "
-        f"exact {sent['suggested_layers']['exact_heads']}; the shipped sentiment vector uses layer "
+        f"exact {sent['suggested_layers']['exact_heads']}; onset (first layer with half the largest effect): "
+        f"AtP* {_onset(sent)[0]}, exact {_onset(sent)[1]}; the shipped sentiment vector uses layer "
         f"{report.get('shipped_sentiment_layer')}.",
         "- Reading: " + report.get("reading", ""), "",
         "## Setup", "",
@@ -120,7 +130,7 @@ def markdown(report: dict) -> str:
         lines += ["", "| run | wall s | CPU s |", "|---|---|---|"]
         for k, v in t.items():
             lines.append(f"| {k} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} |")
-        lines += ["", f"suggested layers: {json.dumps(r['suggested_layers'])}", "",
+        lines += ["", f"suggested layers: {json.dumps(r['suggested_layers'])}; onset (AtP*, exact): {_onset(r)}", "",
                   "per-layer effect (exact): " + ", ".join(f"{x:+.2f}" for x in r["exact_layers"]), "",
                   "per-layer AtP: " + ", ".join(f"{x:+.2f}" for x in r["atp_layers"]), "",
                   f"top heads, exact: {r['top_heads_exact']}", "", f"top heads, AtP*: {r['top_heads_atp_star']}", ""]

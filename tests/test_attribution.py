@@ -92,6 +92,11 @@ def test_suggest_layers_and_top_nodes(tiny):
     assert len(top) == 2 and scores[top[0]] == scores.max()
     assert atp.suggest_layers(torch.tensor([0.1, -3.0, 2.0]), k=1) == [1]
     assert atp.suggest_layers(torch.tensor([[0.1, 0.1], [0.0, 0.0], [1.0, -1.0]]), k=1) == [2]
+    ramp = torch.tensor([0.0, 0.1, -0.6, -0.9, -1.0])
+    assert atp.suggest_layers(ramp, k=2, rule="onset") == [2, 3]
+    assert atp.suggest_layers(ramp, k=9, rule="onset", frac=0.95) == [4]
+    with pytest.raises(UserError, match="rule"):
+        atp.suggest_layers(ramp, rule="middle")
     rows = atp.top_nodes(res, "heads", k=3, method="atp")
     assert len(rows) == 3 and abs(rows[0]["effect"]) >= abs(rows[-1]["effect"])
 

@@ -253,11 +253,17 @@ class Attribution:
 
 
 def suggest_layers(result: Attribution | torch.Tensor, k: int = 3, *, method: str = "atp_star",
-                   source: str = "layers") -> list[int]:
-    """The ``k`` layers with the largest |effect|: from the per-layer estimates (``source="layers"``)
-    or from the heads summed per layer (``source="heads"``, sum of |head effect|). A tensor [L] or
-    [L, H] may be passed instead of a result."""
+                   source: str = "layers", rule: str = "top", frac: float = 0.5) -> list[int]:
+    """Layers by |effect|, from the per-layer estimates (``source="layers"``) or from the heads summed
+    per layer (``source="heads"``, sum of |head effect|); a tensor [L] or [L, H] may be passed instead.
+
+    ``rule="top"``: the ``k`` layers with the largest |effect|. The residual at the last token carries
+    more of the contrast the later the layer, so these are usually the last layers; ``rule="onset"``:
+    the first layer whose |effect| reaches ``frac`` of the largest (where the contrast arrives at the
+    last token) and the ``k - 1`` layers after it."""
     check(int(k) >= 1, "k must be at least 1")
+    check(rule in ("top", "onset"), f"unknown rule {rule!r} (choose top or onset)")
+    check(0 < float(frac) <= 1, "frac must be in (0, 1]")
     if isinstance(result, Attribution):
         check(source in ("layers", "heads"), f"unknown source {source!r} (choose layers or heads)")
         scores = result.get(source, method)
@@ -267,6 +273,9 @@ def suggest_layers(result: Attribution | torch.Tensor, k: int = 3, *, method: st
     if scores.dim() == 2:
         scores = scores.sum(-1)
     check(scores.dim() == 1 and scores.numel() > 0, "suggest_layers needs per-layer scores")
+    if rule == "onset":
+        first = int(torch.nonzero(scores >= float(frac) * scores.max())[0])
+        return list(range(first, min(first + int(k), scores.numel())))
     order = torch.argsort(scores, descending=True, stable=True)
     return [int(i) for i in order[: int(k)]]
 

@@ -71,13 +71,15 @@ def run_attribution(ctx: AppContext, source: str, preset: str | None, pairs_file
         pairs = atp.load_pairs_file(ctx.lm, pairs_file)[:n_pairs]
     res = atp.attribute(ctx.lm, pairs, graddrop=bool(graddrop), progress=progress)
     suggested = atp.suggest_layers(res, int(k), method=method)
+    onset = atp.suggest_layers(res, 1, method=method, rule="onset")[0]
     heads = atp.top_nodes(res, "heads", 5, method)
     text = "\n".join([
         f"**{res.n_pairs} pairs**, metric `{res.metric}`: clean {res.clean_metric:+.3f}, corrupt "
         f"{res.corrupt_metric:+.3f} ({res.seconds:.1f} s; ranked by `{method}`"
         + ("" if graddrop or method != "atp_star" else ", GradDrop off") + ")", "",
         f"**Suggested layers** (largest |effect| of patching the residual at the last token): "
-        f"**{', '.join(map(str, suggested))}**", "",
+        f"**{', '.join(map(str, suggested))}**; the contrast reaches the last token (half the largest effect) "
+        f"at layer **{onset}**", "",
         "Top heads: " + ", ".join(f"L{h['layer']}H{h['head']} ({h['effect']:+.3f})" for h in heads), "",
         "Estimates are first-order (AtP) or their GradDrop magnitude (AtP*); `steering-lab attribution --validate` "
         "checks them against exact activation patching.",
