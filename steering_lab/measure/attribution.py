@@ -193,17 +193,43 @@ def pairs_from_contrast(lm: LoadedModel, contrast: ContrastSet, n_pairs: int | N
 def load_pairs_file(lm: LoadedModel, path: str | os.PathLike, *, chat: bool = False) -> list[Pair]:
     """A jsonl file, one object per line: ``clean``, ``corrupt``, ``answer`` (the clean continuation, e.g.
     " Paris") and optionally ``wrong`` (the corrupt one: metric logit_diff, else logprob)."""
-    from ..datasets import _jsonl_rows, _read_user_file, _shown
-
-    rows = _jsonl_rows(_read_user_file(path), _shown(path))
+    rows, where = _read_rows(path)
     for n, r in enumerate(rows, 1):
         for key in ("clean", "corrupt", "answer"):
-            check(isinstance(r.get(key), str) and r[key] != "", f"{_shown(path)} row {n}: missing or empty {key!r}")
+            check(isinstance(r.get(key), str) and r[key] != "", f"{where} row {n}: missing or empty {key!r}")
     wrongs = [r.get("wrong") for r in rows]
     check(all(w is None for w in wrongs) or all(isinstance(w, str) and w for w in wrongs),
-          f"{_shown(path)}: either every row has a 'wrong' answer or none does")
+          f"{where}: either every row has a 'wrong' answer or none does")
     return make_pairs(lm, [r["clean"] for r in rows], [r["corrupt"] for r in rows], [r["answer"] for r in rows],
                       None if wrongs[0] is None else wrongs, chat=chat)
+
+
+def _read_rows(path: str | os.PathLike) -> tuple[list[dict], str]:
+    """The JSON objects of a jsonl file (one per line) and the file's name for messages."""
+    from pathlib import Path
+
+    from ..datasets import MAX_FILE_BYTES
+
+    p = Path(path).expanduser()
+    where = p.name or str(path)
+    check(p.is_file(), f"file not found: {where}")
+    check(p.stat().st_size <= MAX_FILE_BYTES, f"{where} is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise UserError(f"{where} line {n}: invalid JSON") from None
+        check(isinstance(row, dict), f"{where} line {n}: expected a JSON object")
+        rows.append(row)
+    check(bool(rows), f"{where} holds no pairs")
+    return rows, where
 
 
 def preset_pairs(lm: LoadedModel, preset: str, n_pairs: int | None = None) -> list[Pair]:
@@ -645,4 +671,4 @@ def save_json(data: dict, path: str | os.PathLike) -> str:
 
 __all__ = ["Attribution", "Pair", "METRICS", "NODE_TYPES", "activation_patching", "attribute", "correlations",
            "load_pairs_file", "logit_diff", "logprob", "make_pairs", "pairs_from_contrast", "preset_pairs",
-           "suggest_layers", "top_nodes", "UserError"]
+           "suggest_layers", "top_nodes"]
