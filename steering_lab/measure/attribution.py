@@ -35,7 +35,9 @@ aligned at their last token, so they may differ in length):
 
 Methods in :class:`Attribution` (each a mean over pairs): ``atp`` (plain, signed), ``atp_qk`` (signed;
 QK-fixed for queries/keys, equal to ``atp`` for layers/heads) and ``atp_star`` (GradDrop on ``atp_qk``,
-a magnitude; ``|atp_qk|`` when GradDrop is off). :func:`activation_patching` is the exact reference.
+a magnitude; ``|atp_qk|`` when GradDrop is off). :func:`activation_patching` is the exact reference,
+:func:`correlations` compares the two, :func:`suggest_layers` picks layers for the Extract tab. Pairs
+and metrics (``logit_diff``, ``logprob`` or any callable) live in ``attribution_pairs.py``.
 
 Simplifications, honestly: nodes are at the last position only (no per-position sweep, no MLP
 neurons, no value nodes); GradDrop drops one whole block's contribution (attention + MLP together)
