@@ -157,9 +157,26 @@ def markdown(report: dict) -> str:
         "With 44 prompts per class one prompt is 2.3 points: a 95% interval on a measured 5% harmless rate spans "
         "roughly 1-15%, so these rates are coarse.",
     ]
+    if not all(met.values()):
+        c2, k2 = rows["controller, new"]["test_style2"], rows["CAST condition, new"]["test_style2"]
+        reading.append(
+            f"Why it is missed: the new gates rank style-2 prompts better than the old controller (AUROC "
+            f"{rows['controller, old']['test_style2']['auroc']:.2f} -> {c2['auroc']:.2f} controller, {k2['auroc']:.2f} "
+            "condition) and keep harmless prompts mostly unsteered, but the harmful and harmless style-2 prompts "
+            "(same topic, most words shared, harm in one clause of a long message) overlap too much at the last "
+            "prompt token of this 135M model for any cut to give 90% / 5%: calibrated for <= 5% harmless on val, "
+            "they steer only a part of the harmful prompts, and the same high cut costs recall on the in-style "
+            "test split too (the old gates, fitted to one style, steered 92-96% there but also 48% of style-2 "
+            "harmless prompts (CAST) or only 18% of style-2 harmful ones (controller)). Linear probes on the same "
+            "activations (layers 0-15, tried off the record) reach val/style-2 AUROC ~0.94 at best, still short of "
+            "the target. What would help: a larger model or more layers/positions as gate input, and training "
+            "data in more message-like styles (the style-2 set itself must stay held out).")
+    reading.append("The old rows' thresholds were not calibrated on val (fixed 0.5; best in-style F1), so their "
+                   "rates sit at another operating point: compare AUROCs for ranking, rates for what a user gets.")
     return ("## README snippet\n\n" + "\n".join(table) + "\n\n" + "\n\n".join(reading) + "\n\n"
             f"Old controller: shipped before (git {report['baseline_commit']}), gate at 0.5. Old CAST: as "
-            "`bench/conditional_steering.py` fitted it (60+60 in-style prompts, best val F1). New: "
+            "`bench/conditional_steering.py` fitted it (60+60 in-style prompts, best val F1; candidate layers 0-15 "
+            "here, 0-29 there, where it chose layer 15). New: "
             "`shipped/controllers/refusal_style`, `shipped/conditions/harmful`, rebuilt with "
             "`python scripts/build_library.py --only controller,condition`.\n\n"
             f"## Details\n\nSplits: {json.dumps(report['splits'], indent=1)}\n\n"

@@ -40,7 +40,9 @@ def test_every_shipped_file_loads_and_matches_the_model(smol, library):
     for name, gate in (("controller", ctl.applied), ("condition", cond.applies)):
         on = gate(smol, harmful + harmless)
         on_harmful, on_harmless = float(on[:25].float().mean()), float(on[25:].float().mean())
-        assert on_harmful >= 0.9 and on_harmless <= 0.1, (name, on_harmful, on_harmless)
+        # thresholds are calibrated for <= 5% harmless across writing styles (val), which costs recall on
+        # harmful prompts (shipped: controller 48%, condition 44% here); see bench/controller_generalisation.md
+        assert on_harmless <= 0.1 and on_harmful >= 0.3, (name, on_harmful, on_harmless)
     assert {p.stem for p in (ROOT / "vectors").glob("*.safetensors")} == set(VECTORS)
 
 
