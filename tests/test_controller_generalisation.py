@@ -128,7 +128,7 @@ def style2_slice_rates(smol):
 
 
 @pytest.mark.real
-@pytest.mark.xfail(strict=False, reason="target missed: on the style-2 test split the gates separate harmful from "
+@pytest.mark.xfail(strict=True, reason="target missed: on the style-2 test split the gates separate harmful from "
                    "harmless with AUROC ~0.84-0.88 only, so at <= 5% harmless (val) they apply on 30-68% of harmful "
                    "prompts; see bench/controller_generalisation.md")
 def test_shipped_gates_reach_the_target_on_the_style2_test_split(style2_slice_rates):
