@@ -7,8 +7,8 @@ arguments against the same tuples (tests/test_package.py asserts that they agree
 from __future__ import annotations
 
 # intervene.Steer: how a vector acts on a block output ("transform" takes a Python callable, so the
-# command line offers only the others)
-OPERATORS = ("add", "ablate", "clamp", "rotate")
+# command line offers only the others; "transport" needs a Linear-AcT vector and a strength in [0, 1])
+OPERATORS = ("add", "ablate", "clamp", "rotate", "transport")
 SCOPES = ("all", "prompt", "generated")
 # activations.collect / extract: which tokens of a text are read
 POSITIONS = ("last", "mean", "max", "response_mean")

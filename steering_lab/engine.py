@@ -41,7 +41,17 @@ import torch
 
 from .activations import pad_left
 from .errors import UserError, check
-from .intervene import NO_END, BatchPlan, RowOp, Steer, capture, steer_batch, strength_tensor
+from .intervene import (
+    NO_END,
+    BatchPlan,
+    RowOp,
+    Steer,
+    capture,
+    check_transport_strength,
+    steer_batch,
+    strength_tensor,
+    transport_maps,
+)
 from .model import LoadedModel
 from .vector import as_directions
 
@@ -189,14 +199,17 @@ class _RequestState:
                 for k in (item.layers if isinstance(item.layers, (list, tuple)) else [item.layers]):
                     out.append((j, int(k), RowOp(torch.zeros(0), value, "transform", start, end, item.transform)))
                 continue
+            maps = transport_maps(item) if item.operator == "transport" else {}
             for k, d in as_directions(item.vector, item.layers).items():
-                out.append((j, int(k), RowOp(d, value, item.operator, start, end)))
+                out.append((j, int(k), RowOp(d, value, item.operator, start, end, maps=maps.get(k))))
         return out
 
     def set_strength(self, index: int, value) -> None:
         new = strength_tensor(value)
         check(new.numel() == self.strengths[index].numel(),
               f"steering {index} has {self.strengths[index].numel()} strength(s), got {new.numel()}")
+        if self.request.steering[index].operator == "transport":
+            check_transport_strength(new)
         self.strengths[index] = new
         for i in range(self.n):
             for j, _, op in self.rows_ops[i]:

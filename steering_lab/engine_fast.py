@@ -291,8 +291,7 @@ class StaticGroup:
                     slot.opcode.zero_()
                     slot.strength.zero_()
                     continue
-                for name in ("opcode", "vec", "unit", "strength", "start", "end"):
-                    getattr(slot, name).copy_(getattr(src, name))
+                slot.load_(src)
 
     # ---- one step --------------------------------------------------------------------------------
     def forward_step(self, ids: list[int], pos: list[int], watch: list[int]) -> tuple[torch.Tensor, dict]:

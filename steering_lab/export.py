@@ -15,6 +15,10 @@ tensor makes llama.cpp skip the **whole file**. It reads no metadata key at all;
 - our metadata as extra ``controlvector.*`` keys (``method``, ``recommended_layer``,
   ``recommended_strength``, ``description``, ...) and ``controlvector.extra`` (a JSON object for the
   rest); tools that do not know them ignore them. ``controlvector.scale`` says a strength was baked in.
+
+A Linear-AcT vector (``transport.*`` maps) is refused: these formats hold additive directions only,
+and writing its mean-shift direction alone would silently turn "transport" into "add". Export
+``vector.additive()`` to take that direction anyway (it then steers with ``add`` there, not transport).
 """
 
 from __future__ import annotations
@@ -83,6 +87,10 @@ def export_gguf(vector: SteeringVector, path: str | os.PathLike, *, scale: float
     import gguf
 
     check(isinstance(vector, SteeringVector), f"export_gguf needs a SteeringVector, not {type(vector).__name__}")
+    check(not vector.is_transport,
+          "this is a Linear-AcT transport vector: llama.cpp and repeng control vectors hold additive directions "
+          "only, so its per-unit transport maps cannot be exported (steer with it here, operator 'transport'). "
+          "To export just its mean-shift direction for additive steering, export vector.additive()")
     if scale is not None:
         check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and np.isfinite(scale),
               f"scale must be a finite number, got {scale!r}")
@@ -284,7 +292,7 @@ def _from_safetensors(path: Path) -> SteeringVector:
         raw = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not a valid safetensors file: {exc}") from None
-    if raw and all(re.fullmatch(r"direction\.\d+", k) for k in raw):
+    if raw and all(re.fullmatch(r"direction\.\d+|transport\.(scale|shift|lo|hi)\.\d+", k) for k in raw):
         vec = SteeringVector.load(path)  # our own format, with its metadata (json beside it or inside)
         if not vec.description:
             vec.description = f"imported from {path.name}"
@@ -315,7 +323,8 @@ def import_vector(source: Any, *, name: str | None = None, lm: Any = None) -> St
     elif isinstance(source, SteeringVector):
         vec = SteeringVector(directions={k: _tensor(v, f"direction for layer {k}") for k, v in
                                          source.directions.items()},
-                             **{k: v for k, v in source.metadata().items() if k in _TYPED}, extra=dict(source.extra))
+                             **{k: v for k, v in source.metadata().items() if k in _TYPED}, extra=dict(source.extra),
+                             transport={k: dict(parts) for k, parts in source.transport.items()})
     elif hasattr(source, "layer_activations") and isinstance(source.layer_activations, Mapping):
         layer_type = getattr(source, "layer_type", "decoder_block")
         check(layer_type == "decoder_block",

@@ -14,6 +14,9 @@ Operators on a direction ``v`` (``u = v / |v|``) with per-row strength ``s``:
 * ``clamp``  ``h + (s - h.u) u``                             (sets the projection to the value s)
 * ``rotate`` turn ``h`` by ``s`` degrees toward ``u`` in the plane of ``h`` and ``u``, norm kept
                                                              (s = 0 is the identity)
+* ``transport`` Linear-AcT: per unit, ``(1 - s) h + s (a h + b)`` with the vector's maps ``a``, ``b``
+             (``transport.scale/shift.{k}``), only where ``lo <= h <= hi`` when the vector stores a
+             support; ``s`` in [0, 1] (0 = identity, 1 = full transport; outside: an error)
 
 ``s`` is a scalar or one value per batch row, held in a tensor buffer on the block's device that
 ``SteeringHandle.set_strength`` updates in place: a captured CUDA graph keeps working when a
@@ -37,7 +40,7 @@ from torch import nn
 from .errors import UserError, check
 from .vector import SteeringVector, as_directions
 
-OPERATORS = ("add", "ablate", "clamp", "rotate")
+OPERATORS = ("add", "ablate", "clamp", "rotate", "transport")
 SCOPES = ("all", "prompt", "generated")
 
 
@@ -61,6 +64,24 @@ class Steer:
             return
         check(self.operator in OPERATORS, f"unknown operator {self.operator!r} (choose {', '.join(OPERATORS)})")
         check(self.scope in SCOPES, f"unknown scope {self.scope!r} (choose {', '.join(SCOPES)})")
+        if self.operator == "transport":
+            check(isinstance(self.vector, SteeringVector) and self.vector.is_transport,
+                  "operator 'transport' needs a Linear-AcT vector with transport maps (steering-lab transport fit); "
+                  "this one only has directions")
+            check_transport_strength(self.strength)
+
+
+def check_transport_strength(strength: float | Sequence[float] | torch.Tensor) -> None:
+    """A transport strength is the interpolation weight lambda in [0, 1]; anything else is refused."""
+    t = torch.as_tensor(strength.detach() if isinstance(strength, torch.Tensor) else strength,
+                        dtype=torch.float32).reshape(-1)
+    check(bool(((t >= 0) & (t <= 1)).all()),
+          f"transport strength must be in [0, 1] (0 = unsteered, 1 = full transport), got {t.tolist()[:8]}")
+
+
+def transport_maps(item: Steer) -> dict[int, tuple]:
+    """``{layer: (scale, shift, lo, hi)}`` at the layers ``item`` steers (``lo``/``hi`` None: no support)."""
+    return {k: item.vector.transport_at(k) for k in as_directions(item.vector, item.layers)}
 
 
 def strength_tensor(strength: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -110,15 +131,17 @@ class _Op:
 
     def __init__(self, direction: torch.Tensor, strength: torch.Tensor, operator: str, scope: str,
                  device: torch.device, dtype: torch.dtype, rows: Sequence[bool] | None = None,
-                 transform: Any = None) -> None:
+                 transform: Any = None, maps: tuple | None = None) -> None:
         self.operator = operator
         self.transform = transform
         self.scope = scope
         self.rows = None if rows is None else torch.as_tensor(list(rows), dtype=torch.bool, device=device)
         d32 = direction.detach().to(device=device, dtype=torch.float32)
         norm = d32.norm()
-        if operator not in ("add", "transform"):
+        if operator not in ("add", "transform", "transport"):
             check(float(norm) > 0, f"cannot {operator} along a zero direction")
+        if operator == "transport":  # float32 maps on the block's device; lo/hi None = no support limit
+            self.maps = tuple(None if t is None else t.detach().to(device=device, dtype=torch.float32) for t in maps)
         self.unit = d32 / norm if float(norm) > 0 else d32
         self.vec = direction.detach().to(device=device, dtype=dtype)  # add uses the raw vector
         self.strength = strength.to(device)
@@ -137,6 +160,8 @@ class _Op:
             new = self.transform(h, c)
             check(new.shape == h.shape, f"transform returned shape {tuple(new.shape)} for {tuple(h.shape)}")
             new = new.to(h.dtype)
+        elif self.operator == "transport":
+            new = torch.where(c == 0, h, apply_transport(h.float(), c, *self.maps).to(h.dtype))  # exact identity at 0
         else:
             h32 = h.float()
             proj = h32 @ self.unit  # [B, T]
@@ -157,6 +182,16 @@ class _Op:
                   f"rows mask has {self.rows.numel()} entries for {h.shape[0]} rows")
             new = torch.where(self.rows.view(-1, 1, 1), new, h)
         return new
+
+
+def apply_transport(h: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+               lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
+    """Linear-AcT on float32 ``h``: ``(1 - c) h + c (scale h + shift)`` per unit (at c = 1 exactly
+    ``scale h + shift``), units outside ``[lo, hi]`` left as they are."""
+    out = (1 - c) * h + c * (scale * h + shift)
+    if lo is not None:
+        out = torch.where((h >= lo) & (h <= hi), out, h)
+    return out
 
 
 def _rotate(h: torch.Tensor, proj: torch.Tensor, unit: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -203,6 +238,8 @@ class SteeringHandle:
         new = strength_tensor(strength)
         check(new.numel() == self.strengths[index].numel(),
               f"intervention {index} has {self.strengths[index].numel()} strength(s), got {new.numel()}")
+        if any(op.operator == "transport" for op in self.ops[index]):
+            check_transport_strength(new)
         self.strengths[index].copy_(new)
         for op in self.ops[index]:
             op.strength.copy_(new.to(op.strength.device))
@@ -261,6 +298,7 @@ def steer(target: Any, interventions: Steer | Sequence[Steer], *,
         else:
             strength = strength_tensor(item.strength)
         handle.strengths.append(strength)
+        maps = transport_maps(item) if item.operator == "transport" else {}
         ops = []
         for k, direction in directions.items():
             check(0 <= k < n_layers, f"layer {k} is out of range: the model has {n_layers} blocks "
@@ -270,7 +308,7 @@ def steer(target: Any, interventions: Steer | Sequence[Steer], *,
             block = layers[k]
             device = next((p.device for p in block.parameters()), strength.device)
             op = _Op(direction, strength if differentiable else strength.clone(), item.operator, item.scope, device,
-                     _block_dtype(block, direction.dtype), item.rows, item.transform)
+                     _block_dtype(block, direction.dtype), item.rows, item.transform, maps.get(k))
             ops.append(op)
             per_layer.setdefault(k, []).append(op)
         handle.ops.append(ops)
@@ -403,7 +441,7 @@ def hook_count(model: nn.Module) -> int:
 
 # ---- per-row steering for a batch of independent requests (used by the decode engine) --------
 
-OPCODES = {"add": 1, "ablate": 2, "clamp": 3, "rotate": 4, "transform": 5}
+OPCODES = {"add": 1, "ablate": 2, "clamp": 3, "rotate": 4, "transform": 5, "transport": 6}
 NO_END = 1 << 62
 
 
@@ -418,17 +456,23 @@ class RowOp:
     start: int = 0
     end: int = NO_END
     transform: Any = None
+    maps: tuple | None = None  # operator "transport": (scale, shift, lo, hi) at this layer (lo/hi may be None)
 
 
 class Slot:
     """The ``j``-th intervention at one layer for every row of a batch, as device tensors: a row
     without one has opcode 0 (left exactly as it is). Strengths live in ``strength`` (updated in place)."""
 
+    TRANSPORT = ("scale", "shift", "lo", "hi")  # [n, 1, width] float32 buffers, made when "transport" is present
+
     def __init__(self, ops: Sequence[RowOp | None], device: torch.device, dtype: torch.dtype, width: int) -> None:
         n = len(ops)
+        self.n, self.width, self.device = n, width, device
+        self.scale = self.shift = self.lo = self.hi = None
         self.opcode = torch.tensor([OPCODES[o.operator] if o is not None else 0 for o in ops], dtype=torch.long,
                                    device=device)
         self.present = {o.operator for o in ops if o is not None}
+        self._fill_transport(ops)
         vecs = torch.zeros((n, width), dtype=torch.float32)
         for i, o in enumerate(ops):
             if o is not None and o.operator != "transform":
@@ -436,7 +480,7 @@ class Slot:
         self.vec = vecs.to(device=device, dtype=dtype)[:, None, :]  # add uses the raw vector, in the model's dtype
         unit = vecs.clone()
         for i, o in enumerate(ops):
-            if o is not None and o.operator not in ("add", "transform"):
+            if o is not None and o.operator not in ("add", "transform", "transport"):
                 norm = unit[i].norm()
                 check(float(norm) > 0, f"cannot {o.operator} along a zero direction")
                 unit[i] = unit[i] / norm
@@ -447,6 +491,43 @@ class Slot:
         self.end = torch.tensor([o.end if o is not None else NO_END for o in ops], dtype=torch.long, device=device)
         self.scoped = any(o is not None and (o.start > 0 or o.end < NO_END) for o in ops)
         self.transforms = [(i, o.transform) for i, o in enumerate(ops) if o is not None and o.operator == "transform"]
+
+    @property
+    def present(self) -> set[str]:
+        """Operators this slot computes (a captured graph computes exactly these)."""
+        return self._present
+
+    @present.setter
+    def present(self, operators) -> None:
+        self._present = set(operators)
+        if "transport" in self._present and self.scale is None:  # identity maps, no support limit
+            shape = (self.n, 1, self.width)
+            f32 = dict(dtype=torch.float32, device=self.device)
+            self.scale, self.shift = torch.ones(shape, **f32), torch.zeros(shape, **f32)
+            self.lo, self.hi = torch.full(shape, -math.inf, **f32), torch.full(shape, math.inf, **f32)
+
+    def _fill_transport(self, ops: Sequence[RowOp | None]) -> None:
+        rows = [(i, o) for i, o in enumerate(ops) if o is not None and o.operator == "transport"]
+        if not rows:
+            return
+        bufs = {name: getattr(self, name).cpu() for name in self.TRANSPORT}
+        for i, o in rows:
+            check(0.0 <= o.strength <= 1.0, f"transport strength must be in [0, 1], got {o.strength:g}")
+            check(o.maps is not None, "a transport row needs its maps (scale, shift, lo, hi)")
+            for name, t in zip(self.TRANSPORT, o.maps):
+                if t is not None:
+                    check(t.shape[-1] == self.width, f"transport {name} has width {t.shape[-1]}, the model's is "
+                                                     f"{self.width}")
+                    bufs[name][i, 0] = t.detach().float().cpu()
+        for name, t in bufs.items():
+            getattr(self, name).copy_(t)
+
+    def load_(self, src: Slot) -> None:
+        """Copy ``src``'s rows into this slot's buffers in place (a captured graph reads these buffers)."""
+        for name in ("opcode", "vec", "unit", "strength", "start", "end") + self.TRANSPORT:
+            mine, theirs = getattr(self, name), getattr(src, name)
+            if mine is not None and theirs is not None:
+                mine.copy_(theirs)
 
     def apply(self, h: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         c = self.strength.view(-1, 1, 1)
@@ -465,6 +546,9 @@ class Slot:
             if "rotate" in self.present:
                 out = _rotate(h32, proj, self.unit, c).to(h.dtype)
                 new = torch.where(((self.opcode == 4) & (self.strength != 0)).view(-1, 1, 1), out, new)
+        if "transport" in self.present:
+            out = apply_transport(h.float(), c, self.scale, self.shift, self.lo, self.hi).to(h.dtype)
+            new = torch.where(((self.opcode == 6) & (self.strength != 0)).view(-1, 1, 1), out, new)
         for i, fn in self.transforms:
             out = fn(h[i:i + 1], c[i:i + 1])
             check(out.shape == h[i:i + 1].shape, f"transform returned shape {tuple(out.shape)}")
@@ -498,6 +582,7 @@ class BatchPlan:
                 if op.operator != "transform":
                     check(op.direction.shape[-1] == width,
                           f"direction for layer {k} has width {op.direction.shape[-1]} but the model's is {width}")
+                check(op.operator != "transport" or op.maps is not None, "a transport row needs its maps")
                 j = seen.get(k, 0)
                 seen[k] = j + 1
                 table = per_layer.setdefault(k, [])

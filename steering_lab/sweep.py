@@ -102,6 +102,8 @@ def run_sweep(lm: LoadedModel, vector: SteeringVector, strengths: Sequence[float
     check(len(prompts) > 0, "no prompts to sweep over")
     check(operator in OPERATORS, f"unknown operator {operator!r}")
     check(random_baseline >= 0, "random_baseline must be >= 0")
+    check(operator != "transport" or random_baseline == 0,
+          "random-direction baselines are additive vectors; sweep the transport operator with random_baseline=0")
     vector.check_model(lm)
     used = list(as_directions(vector, layers))
     vector.check_model(lm, used)

@@ -4,6 +4,14 @@ File format (DESIGN.md; llama.cpp and repeng depend on it):
 ``NAME.safetensors`` holds ``direction.{k}`` float32 tensors of shape ``[d_model]``, where ``k`` is
 the 0-based index of the decoder block whose *output* the direction is added to; ``NAME.json``
 holds the metadata. Both are written atomically. Loading never unpickles anything.
+
+A Linear-AcT vector (``method: "linear_act"``, ``directions/transport.py``) also carries a per-unit
+affine transport map at each of its layers: ``transport.scale.{k}`` and ``transport.shift.{k}``
+(``h -> scale * h + shift``, each ``[d_model]``), and, when transport is restricted to the support of
+the source distribution, ``transport.lo.{k}`` / ``transport.hi.{k}`` (units outside ``[lo, hi]`` are
+left as they are). Its ``direction.{k}`` is the mean shift (mean target - mean source), so add-style
+tools still see a direction; arithmetic on such a vector is refused (it would drop the maps), use
+:meth:`SteeringVector.additive` for the mean-shift vector alone.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import torch
 from .errors import UserError, check
 
 _KEY = re.compile(r"direction\.(0|[1-9][0-9]{0,5})")
+_TRANSPORT_KEY = re.compile(r"transport\.(scale|shift|lo|hi)\.(0|[1-9][0-9]{0,5})")
+TRANSPORT_PARTS = ("scale", "shift", "lo", "hi")  # scale and shift required; lo and hi together or not at all
 _META_FIELDS = ("model", "d_model", "n_layers", "layers", "method", "dataset", "recommended_layer",
                 "recommended_strength", "normalized", "created", "description")
 
@@ -210,6 +220,8 @@ class SteeringVector:
     created: str = field(default_factory=_now)
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Linear-AcT maps: {layer: {"scale", "shift"[, "lo", "hi"]: [d_model] tensors}}; empty for additive vectors
+    transport: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check(len(self.directions) > 0, "a steering vector needs at least one layer")
@@ -231,6 +243,33 @@ class SteeringVector:
             self.d_model = width
         check(self.d_model == width, f"metadata says d_model {self.d_model} but directions have {width}")
         self.directions = dict(sorted(clean.items()))
+        if self.transport:
+            self.transport = _check_transport(self.transport, self.directions, width)
+
+    @property
+    def is_transport(self) -> bool:
+        """True for a Linear-AcT vector (it carries transport maps)."""
+        return bool(self.transport)
+
+    def transport_at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(scale, shift, lo, hi)`` of the transport map at ``layer`` (``lo``/``hi`` None: no support limit)."""
+        check(self.is_transport, f"this vector ({self.method or 'unknown method'}) has no transport maps; the "
+                                 "'transport' operator needs a Linear-AcT vector (steering-lab transport fit)")
+        parts = self.transport.get(layer)
+        check(parts is not None,
+              f"vector has no transport map for layer {layer} (it has layers {_ranges(self.layers)})")
+        return parts["scale"], parts["shift"], parts.get("lo"), parts.get("hi")
+
+    def additive(self) -> SteeringVector:
+        """The same vector without transport maps: its directions (for a Linear-AcT vector, the mean
+        shift) as a plain additive vector."""
+        if not self.is_transport:
+            return self
+        return replace(self, transport={}, method=f"{self.method}_mean_shift", extra=dict(self.extra))
+
+    def _no_transport(self, what: str) -> None:
+        check(not self.is_transport, f"cannot {what} a Linear-AcT transport vector (its maps would be lost); "
+                                     "use .additive() for its mean-shift direction")
 
     # ---- views -----------------------------------------------------------------------
     @property
@@ -253,7 +292,8 @@ class SteeringVector:
     def at(self, layers: int | Iterable[int]) -> SteeringVector:
         """The same vector restricted to ``layers``."""
         keep = [layers] if isinstance(layers, int) else list(layers)
-        return replace(self, directions={k: self[k] for k in keep}, extra=dict(self.extra))
+        maps = {k: self.transport[k] for k in keep if k in self.transport}
+        return replace(self, directions={k: self[k] for k in keep}, extra=dict(self.extra), transport=maps)
 
     def norms(self) -> dict[int, float]:
         return {k: float(v.float().norm()) for k, v in self.directions.items()}
@@ -265,15 +305,18 @@ class SteeringVector:
             n = v.float().norm()
             check(float(n) > 0, f"direction for layer {k} is zero and cannot be normalized")
             dirs[k] = v / n
-        return replace(self, directions=dirs, normalized=True, extra=dict(self.extra))
+        return replace(self, directions=dirs, normalized=True, extra=dict(self.extra), transport=dict(self.transport))
 
     def to(self, *args: Any, **kwargs: Any) -> SteeringVector:
+        maps = {k: {name: t.to(*args, **kwargs) for name, t in parts.items()} for k, parts in self.transport.items()}
         return replace(self, directions={k: v.to(*args, **kwargs) for k, v in self.directions.items()},
-                       extra=dict(self.extra))
+                       extra=dict(self.extra), transport=maps)
 
     # ---- arithmetic ------------------------------------------------------------------
     def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
         check(isinstance(other, SteeringVector), "can only add or subtract another SteeringVector")
+        self._no_transport("add to or subtract from")
+        other._no_transport("add or subtract")
         check(self.d_model == other.d_model,
               f"cannot combine vectors of width {self.d_model} and {other.d_model}")
         dirs = {k: v.clone() for k, v in self.directions.items()}
@@ -292,6 +335,7 @@ class SteeringVector:
     def __mul__(self, scalar: float) -> SteeringVector:
         check(isinstance(scalar, (int, float)) and math.isfinite(scalar),
               f"can only scale a vector by a finite number, not {scalar!r}")
+        self._no_transport("scale")
         return replace(self, directions={k: v * scalar for k, v in self.directions.items()},
                        normalized=self.normalized and abs(scalar) == 1, extra=dict(self.extra))
 
@@ -335,7 +379,10 @@ class SteeringVector:
 
     def encode(self) -> tuple[bytes, bytes]:
         """``(safetensors bytes, json bytes)``: what :meth:`save` writes (the library commits these)."""
-        return encode_pair({f"direction.{k}": v for k, v in self.directions.items()}, self.metadata(), "steering_lab")
+        tensors = {f"direction.{k}": v for k, v in self.directions.items()}
+        for k, parts in self.transport.items():
+            tensors.update({f"transport.{name}.{k}": t for name, t in parts.items()})
+        return encode_pair(tensors, self.metadata(), "steering_lab")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``PATH.safetensors`` + ``PATH.json`` as one unit; returns ``PATH`` (no extension)."""
@@ -362,19 +409,59 @@ class SteeringVector:
     def from_parts(cls, raw: dict[str, torch.Tensor], meta: dict[str, Any], where: str,
                    lm: Any = None) -> SteeringVector:
         dirs: dict[int, torch.Tensor] = {}
+        maps: dict[int, dict[str, torch.Tensor]] = {}
         for key, t in raw.items():
             m = _KEY.fullmatch(key)
-            check(m is not None, f"{where}: unexpected tensor {key!r} (expected direction.<layer>)")
+            tm = None if m is not None else _TRANSPORT_KEY.fullmatch(key)
+            check(m is not None or tm is not None,
+                  f"{where}: unexpected tensor {key!r} (expected direction.<layer> or transport.<part>.<layer>)")
             check(t.is_floating_point(), f"{where}: {key} has dtype {t.dtype}, expected a float")
-            dirs[int(m.group(1))] = t.float()
+            if m is not None:
+                dirs[int(m.group(1))] = t.float()
+            else:
+                maps.setdefault(int(tm.group(2)), {})[tm.group(1)] = t.float()
         check(bool(dirs), f"{where} holds no direction.<layer> tensors")
         known = _typed_meta(meta, where)
         extra = {k: v for k, v in meta.items() if k not in _META_FIELDS and k != SHA_KEY}
         known.setdefault("description", "")
-        vec = cls(directions=dirs, extra=extra, **known)
+        try:
+            vec = cls(directions=dirs, extra=extra, transport=maps, **known)
+        except UserError as exc:
+            if not maps:
+                raise
+            raise UserError(f"{where}: {exc}") from None  # say which file has broken maps
         if lm is not None:
             vec.check_model(lm)
         return vec
+
+
+def _check_transport(maps: Mapping[int, Mapping[str, torch.Tensor]], directions: Mapping[int, torch.Tensor],
+                     width: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Transport maps checked against the directions: the same layers, scale and shift at each (lo and
+    hi together or not at all), float [d_model] tensors, finite, lo <= hi."""
+    check(set(maps) == set(directions),
+          f"transport maps cover layers {_ranges(sorted(maps))} but the directions cover {_ranges(sorted(directions))}")
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for k in sorted(maps):
+        parts = maps[k]
+        check(isinstance(parts, Mapping), f"transport map for layer {k} must map part names to tensors")
+        unknown = set(parts) - set(TRANSPORT_PARTS)
+        check(not unknown, f"transport map for layer {k} has unknown part(s) {sorted(unknown)}")
+        for need in ("scale", "shift"):
+            check(need in parts, f"transport map for layer {k} has no {need}")
+        check(("lo" in parts) == ("hi" in parts), f"transport map for layer {k} needs both lo and hi, or neither")
+        for name in TRANSPORT_PARTS:
+            if name not in parts:
+                continue
+            t = parts[name]
+            what = f"transport {name} for layer {k}"
+            check(isinstance(t, torch.Tensor) and t.is_floating_point(), f"{what} must be a float tensor")
+            check(t.dim() == 1 and t.shape[0] == width, f"{what} has shape {tuple(t.shape)}, expected [{width}]")
+            check_finite(t, what)
+        if "lo" in parts:
+            check(bool((parts["lo"] <= parts["hi"]).all()), f"transport support for layer {k} has lo > hi")
+        out[k] = {name: parts[name] for name in TRANSPORT_PARTS if name in parts}
+    return out
 
 
 MAX_ADDED_NORM = 1e6  # strength x direction norm; far past any residual stream (~1-1e3), still finite in fp32/bf16

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="strength for the matching --vector, e.g. -20 (default: its recommended strength)")
     p.add_argument("--layer", action="append", default=[],
                    help="layer(s) for the matching --vector, e.g. 9 or 8-10 (default: its recommended layer)")
-    p.add_argument("--operator", default="add", choices=OPERATORS, help="how the vector acts (default: add)")
+    p.add_argument("--operator", default="add", choices=OPERATORS,
+                   help="how the vector acts (default: add; transport: a Linear-AcT vector, strength in [0, 1])")
     p.add_argument("--compose", default="separate", choices=COMPOSE_MODES,
                    help="several vectors: each at its own layer (default) or summed at the first one's layer")
     p.add_argument("--dynamic", type=common.finite_float, default=None, metavar="TAU",

@@ -63,7 +63,8 @@ def tools(ctx) -> dict[str, tuple[Callable, bool]]:
             strength: How hard to steer (for add: length added; negative flips the direction); empty = recommended.
             max_new_tokens: Most tokens to generate per answer (1-512).
             layer: Decoder block whose output is steered (0-based); empty = the vector's recommended layer.
-            operator: add (h+s*v), ablate (remove; s in 0-1), clamp (projection set to s) or rotate (s degrees).
+            operator: add (h+s*v), ablate (remove; s in 0-1), clamp (projection set to s), rotate (s degrees) or
+                transport (Linear-AcT vectors only; s in 0-1, 1 = full transport).
             system: Optional system prompt; empty = the model's default.
         Returns:
             {"baseline": the unsteered answer, "steered": the steered answer}

@@ -115,7 +115,7 @@ def resolve(ctx, items: Sequence[Any]) -> tuple[list[Steer], list[SteerSpec]]:
         operator = item.get("operator", "add")
         check(operator in OPERATORS, f"{where}.operator must be one of {', '.join(OPERATORS)}, got {operator!r}")
         if item.get("strength") is None:
-            check(operator == "add" and vec.recommended_strength is not None,
+            check(operator in ("add", "transport") and vec.recommended_strength is not None,
                   f"{where}: give a strength (the vector has no recommended strength for {operator!r})")
             strength = float(vec.recommended_strength)
         else:
@@ -124,6 +124,8 @@ def resolve(ctx, items: Sequence[Any]) -> tuple[list[Steer], list[SteerSpec]]:
             check(0.0 <= strength <= 1.0, f"{where}.strength for ablate must be in [0, 1], got {strength:g}")
         if operator == "rotate":
             check(-180.0 <= strength <= 180.0, f"{where}.strength for rotate is an angle in degrees (-180..180)")
+        if operator == "transport":
+            check(0.0 <= strength <= 1.0, f"{where}.strength for transport is lambda in [0, 1], got {strength:g}")
         if item.get("layer") is None:
             layers = vec.default_layers()
         else:
