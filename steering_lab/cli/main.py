@@ -4,31 +4,33 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
 from ..errors import UserError
-from . import app, calibrate, common, export, extract, generate, library, probes, refusal, sae, sweep
+from . import (
+    app,
+    attribution,
+    calibrate,
+    common,
+    crosslingual,
+    export,
+    extract,
+    function_vectors,
+    generate,
+    library,
+    pplm,
+    probes,
+    refusal,
+    sae,
+    sweep,
+    transfer,
+    transport,
+)
 
-# command groups of the methods being added (issue 15), each a sibling module with register(sub)
-METHOD_GROUPS = ("transport", "function_vectors", "pplm", "attribution", "transfer", "crosslingual")
-
-
-def _method_groups():
-    found = []
-    for name in METHOD_GROUPS:
-        full = f"{__package__}.{name}"
-        try:
-            found.append(importlib.import_module(full))
-        except ModuleNotFoundError as exc:
-            if exc.name != full:
-                raise
-    return tuple(found)
-
-
-GROUPS = (extract, generate, sweep, calibrate, refusal, probes, export, sae, *_method_groups(), library, app)
+GROUPS = (extract, generate, sweep, calibrate, refusal, probes, export, sae, transport, function_vectors, pplm,
+          attribution, transfer, crosslingual, library, app)
 
 
 class _Version(argparse.Action):

@@ -5,27 +5,23 @@ Extract tab or the Steer tab."""
 
 from __future__ import annotations
 
-import importlib
-
 import gradio as gr
 
-METHODS = ("transport", "function_vectors", "attribution", "transfer", "crosslingual", "pplm")
+from . import (
+    method_attribution,
+    method_crosslingual,
+    method_function_vectors,
+    method_pplm,
+    method_transfer,
+    method_transport,
+)
 
-
-def _modules():
-    found = []
-    for name in METHODS:
-        full = f"{__package__}.method_{name}"
-        try:
-            found.append(importlib.import_module(full))
-        except ModuleNotFoundError as exc:
-            if exc.name != full:  # a real import error inside the module: show it
-                raise
-    return found
+METHODS = (method_transport, method_function_vectors, method_attribution, method_transfer, method_crosslingual,
+           method_pplm)
 
 
 def build(ctx, steer: dict, where: str) -> None:
-    mods = [m for m in _modules() if m.WHERE == where]
+    mods = [m for m in METHODS if m.WHERE == where]
     if not mods:
         return
     label = "More ways to find a direction" if where == "extract" else "More ways to steer"
