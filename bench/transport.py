@@ -81,7 +81,7 @@ def at_kl(points: list[dict], levels: list[float], key: str) -> list[float | Non
     """``key`` interpolated at KL ``levels`` along the sweep (by strength; KL made non-decreasing)."""
     kl = np.maximum.accumulate(np.array([p["kl"] for p in points]))
     val = np.array([p[key] for p in points])
-    return [float(np.interp(x, kl, val)) if x <= kl[-1] else None for x in levels]
+    return [float(np.interp(x, kl, val)) if x <= kl[-1] + 1e-9 else None for x in levels]
 
 
 def main() -> None:
@@ -174,12 +174,16 @@ def markdown(report: dict) -> str:
             lines.append(f"- Sentiment toward {toward}, {report['n_prompts']} neutral prompts, "
                          f"{report['max_new_tokens']} greedy tokens, {report['model']} on {report['device']}: at "
                          f"matched KL {top:.3f} nats/token, VADER (unsteered {runs['mean_diff'][0]['vader']:+.2f}) "
-                         f"{md_v:+.2f} with mean-difference addition, {act_v:+.2f} with Linear-AcT (all blocks).")
+                         f"{md_v:+.2f} with mean-difference addition, {act_v:+.2f} with Linear-AcT (all blocks). "
+                         f"Linear-AcT's reach is bounded: lambda 1 (full transport) costs "
+                         f"{runs['linear_act'][-1]['kl']:.3f}, distinct-2 {runs['linear_act'][-1]['distinct2']:.2f}; "
+                         f"mean-difference addition goes on to KL {runs['mean_diff'][-1]['kl']:.3f}, distinct-2 "
+                         f"{runs['mean_diff'][-1]['distinct2']:.2f}.")
     lines.append("")
     for toward, runs in report["runs"].items():
         names = list(runs)
         top = min(max(p["kl"] for p in runs[n]) for n in ([n for n in ("mean_diff", "linear_act") if n in runs]))
-        levels = [x for x in KL_LEVELS if x < top] + [round(top, 3)]
+        levels = [x for x in KL_LEVELS if x < top - 1e-3] + [top]
         base = runs["mean_diff"][0]["vader"]
         lines += [f"## Toward {toward} (unsteered VADER {base:+.3f})", "",
                   "| KL | " + " | ".join(f"{n} VADER" for n in names) + " | " + " | ".join(

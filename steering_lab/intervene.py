@@ -431,12 +431,24 @@ def capture(target: Any, layers: Sequence[int] | None = None, *, stop_early: boo
             h.remove()
 
 
-def hook_count(model: nn.Module) -> int:
-    """Number of forward hooks and pre-hooks attached anywhere in ``model`` (for tests)."""
+def hook_count(model: nn.Module, *, ours_only: bool = True) -> int:
+    """Number of forward hooks and pre-hooks attached anywhere in ``model`` (for tests). By default
+    only hooks that steering lab attached (their code lives in this package): transformers installs
+    its own, permanent output-capturing hooks the first time a model runs with
+    ``output_hidden_states=True``, and those are not ours to remove."""
     total = 0
     for m in model.modules():
-        total += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            if not ours_only or _is_ours(fn):
+                total += 1
     return total
+
+
+def _is_ours(fn: Any) -> bool:
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    if module is None or module == "functools":
+        module = getattr(getattr(fn, "func", None), "__module__", "") or ""
+    return module.split(".")[0] == __name__.split(".")[0]
 
 
 # ---- per-row steering for a batch of independent requests (used by the decode engine) --------
