@@ -15,16 +15,15 @@ import argparse
 import datetime as dt
 import json
 import platform
-import random
 import time
 from pathlib import Path
 
+from steering_lab.cli.common import ProbeLookup
 from steering_lab.datasets import load_prompts
-from steering_lab.measure.calibrate import calibrate, default_instruction, directed, prompting_rows
+from steering_lab.measure.calibrate import calibrate, default_instruction, directed, prompting_rows, split_prompts
 from steering_lab.measure.effect import measure_of, scorer_for
 from steering_lab.model import load_model
-from steering_lab.probes import Probe
-from steering_lab.resources import resolve, shipped_dir
+from steering_lab.resources import shipped_dir
 from steering_lab.vector import SteeringVector, atomic_write_json
 
 OUT = Path(__file__).with_suffix(".json")
@@ -36,19 +35,6 @@ CASES = {
     "extraversion": ("neutral", 1, None),
     "neuroticism": ("neutral", 1, None),
 }
-
-
-class Probes:
-    def get(self, name):
-        return Probe.load(resolve("probes", name))
-
-
-def split(prompts, seed=0, n=None):
-    order = list(range(len(prompts)))
-    random.Random(seed).shuffle(order)
-    order = order[: n or len(order)]
-    half = len(order) // 2
-    return [prompts[i] for i in sorted(order[:half])], [prompts[i] for i in sorted(order[half:])]
 
 
 def main() -> None:
@@ -71,8 +57,8 @@ def main() -> None:
         if measure is None:
             results[name] = {"skipped": "no effect measure"}
             continue
-        scorer = scorer_for(lm, measure, Probes())
-        val, test = split(load_prompts(preset), n=args.prompts)
+        scorer = scorer_for(lm, measure, ProbeLookup())
+        val, test = split_prompts(load_prompts(preset), n=args.prompts)
         k = vec.recommended_layer
         layers = sorted({*range(3, 22, 3), k})
         t0 = time.perf_counter()

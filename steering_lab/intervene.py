@@ -366,8 +366,21 @@ class _StopForward(Exception):
     """Raised by a capture hook after the last wanted block, to skip the rest of the forward."""
 
 
+class _Recorded:
+    """What a recording context yields: ``outputs[k]`` is a list, one tensor per forward pass."""
+
+    outputs: dict[int, list[torch.Tensor]]
+
+    def last(self, k: int) -> torch.Tensor:
+        return self.outputs[k][-1]
+
+    def clear(self) -> None:
+        for v in self.outputs.values():
+            v.clear()
+
+
 @dataclass
-class Capture:
+class Capture(_Recorded):
     """Block outputs recorded during forward passes: ``outputs[k]`` is a list, one per pass."""
 
     model: nn.Module
@@ -382,12 +395,6 @@ class Capture:
         except _StopForward:
             return None
 
-    def last(self, k: int) -> torch.Tensor:
-        return self.outputs[k][-1]
-
-    def clear(self) -> None:
-        for v in self.outputs.values():
-            v.clear()
 
 
 @contextmanager
@@ -693,19 +700,12 @@ def head_output_weight(target: Any, layer: int) -> torch.Tensor:
 
 
 @dataclass
-class HeadCapture:
+class HeadCapture(_Recorded):
     """Head outputs recorded during forward passes: ``outputs[k]`` is a list (one per pass) of
     [B, T, n_heads, head_dim] tensors."""
 
     layers: list[int]
     outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-
-    def last(self, k: int) -> torch.Tensor:
-        return self.outputs[k][-1]
-
-    def clear(self) -> None:
-        for v in self.outputs.values():
-            v.clear()
 
 
 @contextmanager

@@ -12,21 +12,16 @@ traits less than sentiment and formality move theirs.
 
 import pytest
 
+from steering_lab.cli.common import ProbeLookup
 from steering_lab.datasets import _data_text, _lines
 from steering_lab.generate import generate
 from steering_lab.intervene import Steer, hook_count
 from steering_lab.measure.effect import measure_of, scorer_for
-from steering_lab.probes import Probe
 from steering_lab.resources import names, resolve
 from steering_lab.vector import SteeringVector
 
 pytestmark = pytest.mark.real
 TOKENS = 24
-
-
-class Probes:
-    def get(self, name):
-        return Probe.load(resolve("probes", name))
 
 
 def shipped_with_measure():
@@ -57,7 +52,7 @@ def test_every_steering_vector_states_an_effect_measure():
 def test_the_stated_effect_holds_on_held_out_prompts(smol, prompts, unsteered, name):
     vec = SteeringVector.load(resolve("vectors", name))
     measure = measure_of(vec)
-    score = scorer_for(smol, measure, Probes())
+    score = scorer_for(smol, measure, ProbeLookup())
     k, s = vec.recommended_layer, abs(vec.recommended_strength)
     texts = {0.0: unsteered}
     for sign in (1, -1):

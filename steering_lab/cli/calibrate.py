@@ -46,11 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import random
-
     from ..datasets import load_prompts
     from ..extract import parse_layers
-    from ..measure.calibrate import calibrate, default_instruction, directed, prompting_rows, record
+    from ..measure.calibrate import calibrate, default_instruction, directed, prompting_rows, record, split_prompts
     from ..measure.effect import measure_of, scorer_for
     from ..ui.charts import pareto_figure
     from ..vector import atomic_write_bytes, atomic_write_json
@@ -64,10 +62,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.preset, None) if args.prompts is None else load_prompts(None, args.prompts)
     prompts = prompts[: args.limit] if args.limit else prompts
     check(len(prompts) >= 4, "calibration needs at least 4 prompts (half validation, half test)")
-    order = list(range(len(prompts)))
-    random.Random(args.seed).shuffle(order)
-    half = len(order) // 2
-    val, test = [prompts[i] for i in sorted(order[:half])], [prompts[i] for i in sorted(order[half:])]
+    val, test = split_prompts(prompts, args.seed)
     lm = common.load_model_from_args(args)
     vec.check_model(lm)
     scorer = scorer_for(lm, measure, common.ProbeLookup())

@@ -134,9 +134,6 @@ class ProbeLookup:
 
 def effect_scorer(lm, vec):
     """``(scorer, label)`` of the vector's own effect measure, or ``(None, "")`` when it has none."""
-    from ..measure.effect import measure_of, scorer_for
+    from ..measure.effect import effect_for
 
-    measure = measure_of(vec)
-    if measure is None:
-        return None, ""
-    return scorer_for(lm, measure, ProbeLookup()), measure.label
+    return effect_for(lm, vec, ProbeLookup())

@@ -62,6 +62,18 @@ class Calibration:
                 "test": self.test, "settings": self.settings}
 
 
+def split_prompts(prompts: Sequence[str], seed: int = 0, n: int | None = None) -> tuple[list[str], list[str]]:
+    """A seeded validation / test halving of (the first ``n`` after shuffling of) ``prompts``, each half
+    in the original order."""
+    import random
+
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    order = order[: n or len(order)]
+    half = len(order) // 2
+    return [prompts[i] for i in sorted(order[:half])], [prompts[i] for i in sorted(order[half:])]
+
+
 def directed(scorer: Scorer, direction: int) -> Scorer:
     """``scorer`` read toward ``direction``: itself for +1, negated for -1 (higher = more of the wanted pole)."""
     if direction > 0:

@@ -139,6 +139,14 @@ def scorer_for(lm: Any, measure: EffectMeasure, probes: Any = None) -> Scorer:
     return flipped
 
 
+def effect_for(lm: Any, vector: Any, probes: Any = None) -> tuple[Scorer | None, str]:
+    """``(scorer, label)`` of the vector's own effect measure, or ``(None, "")`` when it has none."""
+    measure = measure_of(vector)
+    if measure is None:
+        return None, ""
+    return scorer_for(lm, measure, probes), measure.label
+
+
 def train_effect_probe(lm: Any, contrast: Any, name: str, *, seed: int = 0, layers: Sequence[int] | None = None,
                        progress: bool = False):
     """A probe that reads the vector's concept in text: trained on the contrast set's two poles as

@@ -84,12 +84,9 @@ def results_table(report: dict) -> list[list]:
 
 def vector_effect(ctx: AppContext, vec):
     """``(scorer, label)`` of the vector's own effect measure, read with the app's probe library."""
-    from ..measure.effect import measure_of, scorer_for
+    from ..measure.effect import effect_for
 
-    measure = measure_of(vec)
-    if measure is None:
-        return None, ""
-    return scorer_for(ctx.lm, measure, ctx.probes), measure.label
+    return effect_for(ctx.lm, vec, ctx.probes)
 
 
 def build(ctx: AppContext, steer: dict) -> dict:
